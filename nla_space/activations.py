@@ -1,0 +1,133 @@
+"""The one definition of *layer* and *read position*, and the truncated forward that computes them.
+
+Layer index
+    ``layer=ℓ`` means ``hidden_states[ℓ]`` of a Hugging Face forward with
+    ``output_hidden_states=True``: index 0 is the embedding output (after the model's own embedding
+    scale), index ℓ ≥ 1 is the output of decoder block ℓ−1 (``model.layers[ℓ-1]``), before any
+    final norm. Valid range: ``0 ≤ ℓ ≤ num_layers − 1`` for reading (the last entry of HF's tuple
+    is overwritten with the *normed* output, so ℓ = num_layers is not a residual-stream state and
+    is refused). Cards that name block K (Anthropic NLA, nla-at-home) translate to ℓ = K + 1 in
+    their card file.
+
+Read position
+    The last valid token of each row (the last 1 of the attention mask).
+
+Text input
+    ``[BOS] + tokens(text, no special tokens)`` when the backbone has a BOS id, as the targets
+    were built (``srt.md`` §4.1).
+
+Truncated forward
+    Runs the embedding and blocks ``0 … ℓ−1`` only: no later blocks, no final norm, no LM head.
+    It uses a *view* of the decoder that shares every weight but holds only the first ℓ blocks and
+    an identity final norm, so concurrent requests never see a half-modified model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from .backbone import Backbone
+from .errors import NLAInputError
+
+
+def decoder_of(model: Any) -> Any:
+    """The decoder stack (``model.model`` for the CausalLM classes we support)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "layers"):
+        return inner
+    if hasattr(model, "get_decoder"):
+        dec = model.get_decoder()
+        if hasattr(dec, "layers"):
+            return dec
+    raise TypeError(f"{type(model).__name__}: cannot find the decoder layers")
+
+
+def check_layer(backbone: Backbone, layer: int) -> int:
+    n = backbone.num_layers
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer <= n - 1:
+        raise NLAInputError(f"layer {layer!r} is out of range: this backbone has {n} blocks, so 0 ≤ layer ≤ {n - 1}")
+    return layer
+
+
+def truncated_decoder(backbone: Backbone, layer: int) -> Any:
+    """A weight-sharing view of the decoder that stops after block ``layer − 1`` (cached per layer)."""
+    check_layer(backbone, layer)
+    with backbone._lock:
+        view = backbone._views.get(layer)
+        if view is None:
+            full = decoder_of(backbone.model)
+            view = copy.copy(full)
+            view._modules = dict(full._modules)
+            view._modules["layers"] = torch.nn.ModuleList(list(full.layers)[:layer])
+            view._modules["norm"] = torch.nn.Identity()
+            backbone._views[layer] = view
+    return view
+
+
+def hidden_at_layer(
+    backbone: Backbone,
+    layer: int,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``hidden_states[layer]`` for every position, ``(B, T, d)``, by the truncated forward."""
+    view = truncated_decoder(backbone, layer)
+    out = view(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        inputs_embeds=inputs_embeds,
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a (B, T) mask (right or left padding)."""
+    T = attention_mask.shape[1]
+    pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values
+
+
+def read_last_valid(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden state at the read position of each row: ``(B, T, d) → (B, d)``."""
+    idx = last_valid_index(attention_mask)
+    if (idx < 0).any():
+        raise ValueError("a row of the attention mask has no valid token")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+
+def encode_text(backbone: Backbone, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids ``[BOS] + tokens(text)`` as a (1, T) tensor; refuses empty or over-long text."""
+    if not isinstance(text, str) or not text.strip():
+        raise NLAInputError("the text is empty: type something to verbalize")
+    ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if backbone.bos_id is not None:
+        ids = [backbone.bos_id] + list(ids)
+    limit = min(backbone.max_positions, max_tokens or backbone.max_positions)
+    if len(ids) > limit:
+        raise NLAInputError(f"the text is {len(ids)} tokens long; the limit is {limit} tokens")
+    if not ids:
+        raise NLAInputError("the text produced no tokens")
+    return torch.tensor([ids], dtype=torch.long)
+
+
+@torch.inference_mode()
+def extract(backbone: Backbone, text: str, layer: int, max_tokens: int | None = None) -> torch.Tensor:
+    """The activation ``v`` (float32, shape (d,)) of ``text`` at ``layer``, read at its last token."""
+    ids = encode_text(backbone, text, max_tokens).to(backbone.device)
+    mask = torch.ones_like(ids)
+    hidden = hidden_at_layer(backbone, layer, input_ids=ids, attention_mask=mask)
+    return read_last_valid(hidden, mask)[0].float().cpu()
+
+
+@torch.inference_mode()
+def token_states(backbone: Backbone, text: str, layer: int, max_tokens: int | None = None) -> tuple[list[str], torch.Tensor]:
+    """Per-token strings and hidden states (float32, (T, d)) of ``[BOS] + text`` at ``layer``."""
+    ids = encode_text(backbone, text, max_tokens).to(backbone.device)
+    hidden = hidden_at_layer(backbone, layer, input_ids=ids, attention_mask=torch.ones_like(ids))[0]
+    pieces = [backbone.tokenizer.decode([int(i)]) for i in ids[0]]
+    return pieces, hidden.float().cpu()

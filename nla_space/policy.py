@@ -1,0 +1,153 @@
+"""Best-of-K selection and τ hedging.
+
+Sample K candidates in one batched call, re-encode all K, score each raw and (when the card has μ)
+centered, pick ``best = argmax`` of the centered score (raw when no μ), and hedge when that best
+score is under τ. Greedy mode is one greedy candidate. The scorer is a parameter so that
+reconstructor-scored cards use the same policy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .rollout import Rollout
+from .scoring import fve_nrm, fve_nrm_centered
+
+#: Largest K the CLI and the app accept.
+MAX_K = 256
+MAX_NEW_TOKENS = 256
+
+
+@dataclass
+class Candidate:
+    text: str
+    token_ids: list[int]
+    score_raw: float
+    score_cen: float | None
+
+
+@dataclass
+class Verbalization:
+    """The result of one verbalization; :meth:`to_dict` is the JSON contract of CLI, API and app."""
+
+    card: str
+    layer: int
+    k: int
+    tau: float
+    trained: bool
+    greedy: bool
+    temperature: float
+    seed: int | None
+    centered: bool
+    candidates: list[Candidate]
+    best_index: int
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[self.best_index]
+
+    @property
+    def score(self) -> float:
+        """The score used for selection and hedging (centered when available)."""
+        b = self.best
+        return b.score_cen if self.centered and b.score_cen is not None else b.score_raw
+
+    @property
+    def hedged(self) -> bool:
+        return self.score < self.tau
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "card": self.card,
+            "layer": self.layer,
+            "k": self.k,
+            "tau": self.tau,
+            "trained": self.trained,
+            "greedy": self.greedy,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "centered": self.centered,
+            "hedged": self.hedged,
+            "score": self.score,
+            "best_index": self.best_index,
+            "best": asdict(self.best),
+            "candidates": [asdict(c) for c in self.candidates],
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "notes": list(self.notes),
+        }
+
+
+Scorer = Callable[[Rollout], torch.Tensor]
+
+
+def score_vectors(h: torch.Tensor, v: torch.Tensor, mu: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw and centered fve_nrm of each re-encoded row of ``h`` (K, d) against ``v`` (d,)."""
+    v = v.to(h.device).float()
+    raw = fve_nrm(h, v[None])
+    cen = fve_nrm_centered(h, v[None], mu.to(h.device)[None]) if mu is not None else None
+    return raw, cen
+
+
+def select_best(raw: torch.Tensor, cen: torch.Tensor | None) -> int:
+    """argmax of the centered score when there is one, else of the raw score."""
+    return int((cen if cen is not None else raw).argmax())
+
+
+def best_of_k(
+    rollout: Rollout,
+    decode: Callable[[list[int]], str],
+    h: torch.Tensor,
+    v: torch.Tensor,
+    mu: torch.Tensor | None,
+) -> tuple[list[Candidate], int]:
+    """Build scored candidates from a rollout and its re-encoded vectors; return them and the best index."""
+    raw, cen = score_vectors(h, v, mu)
+    cands = []
+    for i in range(rollout.ids.shape[0]):
+        n = int(rollout.mask[i].sum())
+        ids = [int(t) for t in rollout.ids[i, :n]]
+        s_cen = float(cen[i]) if cen is not None else None
+        cands.append(Candidate(text=decode(ids), token_ids=ids, score_raw=float(raw[i]), score_cen=s_cen))
+    return cands, select_best(raw, cen)
+
+
+class Timer:
+    """Accumulates wall-clock seconds per named phase."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def phase(self, name: str) -> "_Phase":
+        return _Phase(self, name)
+
+
+class _Phase:
+    def __init__(self, timer: Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.times[self.name] = self.timer.times.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+def check_params(k: int, tau: float, temperature: float, max_new_tokens: int) -> None:
+    """Refuse parameters outside the stated ranges with a readable message."""
+    from .errors import NLAInputError
+
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise NLAInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or not 0.0 <= tau <= 1.0:
+        raise NLAInputError(f"tau must be a number in [0, 1], got {tau!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or not 0.0 <= temperature <= 5.0:
+        raise NLAInputError(f"temperature must be a number in [0, 5], got {temperature!r}")
+    if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise NLAInputError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}, got {max_new_tokens!r}")

@@ -1,0 +1,94 @@
+"""Batched autoregressive sampling from soft prefixes, and the EOS-inclusive mask.
+
+One call samples every row of a batch (best-of-K = the prefix repeated K times). It uses the
+KV cache, computes the LM head for the last position only, and stops as soon as every row has
+produced a stop token. Randomness comes from an explicit ``torch.Generator``, so a request's
+output depends on its seed alone, not on other requests.
+
+Mask convention (``srt.md`` §3.3): a row is valid up to **and including** its first stop token;
+positions after it hold ``pad_id`` and are masked. A row without a stop token is valid throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backbone import Backbone
+
+
+@dataclass
+class Rollout:
+    ids: torch.Tensor  #: (B, T) new tokens only, ``pad_id`` after a row's stop token
+    mask: torch.Tensor  #: (B, T) EOS-inclusive validity mask (long)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)
+
+
+def eos_inclusive_mask(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """1 up to and including the first stop token of each row, 0 after it."""
+    if not stop_ids:
+        return torch.ones_like(ids)
+    is_stop = torch.isin(ids, torch.tensor(stop_ids, device=ids.device))
+    stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
+    return (stops_before == 0).long()
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+    if greedy or temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def sample(
+    backbone: Backbone,
+    prefix: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Continue the soft ``prefix`` (B, P, d), already in the backbone's dtype and scale."""
+    from transformers import DynamicCache
+
+    model = backbone.model
+    B, P, _ = prefix.shape
+    device = prefix.device
+    stop = torch.tensor(backbone.stop_ids or [-1], device=device)
+    pad = backbone.pad_id
+    out_ids = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    mask = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=device)
+    cache = DynamicCache(config=model.config)
+    out = model(inputs_embeds=prefix, attention_mask=mask[:, :P], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    steps = 0
+    for t in range(max_new_tokens):
+        nxt = _pick(out.logits[:, -1, :], temperature, top_p, greedy, generator)
+        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        out_ids[:, t] = nxt
+        finished |= torch.isin(nxt, stop)
+        steps = t + 1
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask[:, : P + t + 1],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    ids = out_ids[:, :steps]
+    return Rollout(ids=ids, mask=eos_inclusive_mask(ids, backbone.stop_ids))

@@ -1,0 +1,201 @@
+"""A card opened for use: backbone + verbalizer + μ, and the one ``verbalize`` path that the CLI,
+the app and the harness all walk (text → activation → K samples → re-encode → score → best, hedged).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import activations, policy
+from .backbone import Backbone, load_backbone
+from .cards import Card, find_card
+from .errors import CheckpointError, NLAInputError
+from .hub import load_state_dict, snapshot
+from .reencode import reencode_ids
+from .rollout import Rollout, sample
+from .verbalizers.config import NLAConfig
+from .verbalizers.prefix import PrefixAV, build_prefix_av, find_weights, load_adapter_weights
+
+log = logging.getLogger(__name__)
+
+_BACKBONES: dict[tuple[str, str | None, str], Backbone] = {}
+_BACKBONES_LOCK = threading.Lock()
+
+ProgressFn = Callable[[float, str], None]
+
+
+def shared_backbone(spec: str, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> Backbone:
+    """Load a backbone once per process (cards on the same backbone share it)."""
+    key = (spec, revision, str(device))
+    with _BACKBONES_LOCK:
+        if key not in _BACKBONES:
+            _BACKBONES[key] = load_backbone(spec, revision=revision, device=device, dtype=dtype)
+        return _BACKBONES[key]
+
+
+def _card_files(card: Card) -> Path | None:
+    """Local folder holding the card's AV files (downloaded for hub cards), or None if it has none."""
+    if card.local_folder is not None:
+        return card.local_folder if card.local_folder.is_dir() else None
+    repo = card.av.get("repo")
+    if not repo:
+        raise CheckpointError(f"card {card.id}: no 'av.repo' or 'av.folder'")
+    return snapshot(repo, card.av.get("revision"), card.av.get("files") or ["*.json", "*.safetensors", "*.pt"])
+
+
+def _load_mu(folder: Path | None, card: Card, layer: int) -> torch.Tensor | None:
+    if folder is None:
+        return None
+    names = [card.mu_file] if card.mu_file else []
+    names += ["mu.safetensors", f"mu_l{layer}.pt", f"mu_l{layer}.safetensors"]
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            tensors = load_state_dict(path)
+            for key in (f"mu.L{layer}", "mu"):
+                if key in tensors:
+                    return tensors[key].float().reshape(-1)
+            if len(tensors) == 1:
+                return next(iter(tensors.values())).float().reshape(-1)
+            raise CheckpointError(f"{path}: no 'mu' tensor")
+    return None
+
+
+@dataclass
+class OpenCard:
+    card: Card
+    backbone: Backbone
+    av: PrefixAV
+    trained: bool
+    mu: torch.Tensor | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.card.layers)
+
+    def check_layer(self, layer: int | None) -> int:
+        layer = self.card.default_layer if layer is None else layer
+        if layer not in self.card.layers:
+            raise NLAInputError(f"card {self.card.id} supports layer(s) {self.card.layers}, not {layer!r}")
+        return activations.check_layer(self.backbone, layer)
+
+    def check_vector(self, vector: Any) -> torch.Tensor:
+        v = torch.as_tensor(vector).float().reshape(-1) if vector is not None else None
+        if v is None or v.numel() != self.av.d_vec:
+            n = None if v is None else v.numel()
+            raise NLAInputError(f"the vector has {n} values; this backbone needs {self.av.d_vec}")
+        if not torch.isfinite(v).all():
+            raise NLAInputError("the vector contains NaN or infinite values")
+        return v
+
+    def rollout(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, greedy: bool, seed: int | None, layer: int) -> Rollout:
+        """K candidates for ``v`` in one batched call (one greedy candidate when ``greedy``)."""
+        n = 1 if greedy else k
+        dev = self.backbone.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        prefix = self.av.embeds(v.to(dev)[None].expand(n, -1), self.backbone, layer)
+        return sample(
+            self.backbone, prefix, max_new_tokens, temperature=temperature, top_p=self.av.cfg.top_p, greedy=greedy, generator=gen
+        )
+
+    @torch.inference_mode()
+    def verbalize(
+        self,
+        text: str | None = None,
+        vector: Any = None,
+        layer: int | None = None,
+        k: int = 16,
+        tau: float | None = None,
+        temperature: float = 1.0,
+        max_new_tokens: int = 64,
+        greedy: bool = False,
+        seed: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> policy.Verbalization:
+        tau = self.card.default_tau if tau is None else tau
+        policy.check_params(k, tau, temperature, max_new_tokens)
+        layer = self.check_layer(layer)
+        timer = policy.Timer()
+        step = progress or (lambda frac, msg: None)
+        step(0.0, "reading the activation")
+        with timer.phase("extract_s"):
+            if vector is not None:
+                v = self.check_vector(vector)
+            else:
+                v = activations.extract(self.backbone, text, layer)
+        step(0.1, f"sampling {1 if greedy else k} candidate(s)")
+        with timer.phase("sample_s"):
+            roll = self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer)
+        step(0.7, "re-encoding and scoring")
+        with timer.phase("score_s"):
+            h = reencode_ids(self.backbone, layer, roll.ids, roll.mask)
+            decode = lambda ids: self.backbone.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+            cands, best = policy.best_of_k(roll, decode, h, v, self.mu)
+        timer.times["total_s"] = sum(timer.times.values())
+        step(1.0, "done")
+        return policy.Verbalization(
+            card=self.card.id,
+            layer=layer,
+            k=1 if greedy else k,
+            tau=float(tau),
+            trained=self.trained,
+            greedy=greedy,
+            temperature=float(temperature),
+            seed=seed,
+            centered=self.mu is not None,
+            candidates=cands,
+            best_index=best,
+            timings=timer.times,
+            notes=list(self.notes),
+        )
+
+
+def open_card(card: str | Card | None = None, backbone: str | None = None, device: str | None = None, revision: str | None = None) -> OpenCard:
+    """Open a card: resolve it, load (or share) its backbone, build and load its AV, read its μ."""
+    card = card if isinstance(card, Card) else find_card(card)
+    if card.kind != "prefix":
+        raise NLAInputError(f"card {card.id}: kind {card.kind!r} is not supported by this version")
+    bb_spec = backbone or card.backbone_id
+    bb_rev = revision if backbone else card.backbone.get("revision")
+    bb = shared_backbone(bb_spec, bb_rev, device, card.backbone.get("dtype"))
+    folder = _card_files(card)
+    notes: list[str] = []
+    weights = find_weights(folder) if folder is not None else None
+    if folder is not None and (folder / "config.json").is_file():
+        cfg = NLAConfig.from_json(folder / "config.json")
+    else:
+        cfg = NLAConfig(
+            backbone_id=bb_spec,
+            backbone_dtype=str(card.backbone.get("dtype") or "float32"),
+            extraction_layer=card.default_layer,
+            max_new_tokens=64,
+            num_prefix_tokens=int(card.av.get("num_prefix_tokens", 1)),
+        )
+    if cfg.extraction_layer not in card.layers:
+        card.layers = [cfg.extraction_layer]
+    av = build_prefix_av(cfg, bb)
+    if weights is not None:
+        load_adapter_weights(av, weights)
+        trained = True
+    elif card.local_folder is not None:
+        trained = False
+        notes.append("untrained: no AV weights are shipped for this card yet; an identity-initialised AV is running")
+    else:
+        raise CheckpointError(f"card {card.id}: no AV weights (av.safetensors or best_av.pt) in {folder}")
+    av.eval()
+    for p in av.parameters():
+        p.requires_grad_(False)
+    mu = _load_mu(folder, card, card.default_layer)
+    if mu is not None and mu.numel() != bb.hidden_size:
+        raise CheckpointError(f"card {card.id}: μ has {mu.numel()} values, the backbone has d={bb.hidden_size}")
+    if mu is None:
+        notes.append("no μ for this card: scores are raw fve_nrm, not centered")
+    return OpenCard(card=card, backbone=bb, av=av, trained=trained, mu=mu, notes=notes)

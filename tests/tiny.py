@@ -1,0 +1,91 @@
+"""Tiny random backbones and a small local tokenizer, built on the fly (no network, no downloads).
+
+``make_tokenizer()`` is a word-level tokenizer over a fixed vocabulary with ``<bos>``, ``<eos>``,
+``<pad>``, ``<unk>``; ``make_backbone(arch)`` builds a random model of a real architecture
+(llama, qwen2, gemma2, phi3) small enough for CPU tests; ``save_backbone`` writes a
+``save_pretrained`` folder that :func:`nla_space.backbone.load_backbone` reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the a an of to in and is was it on for with as by at from that this be are or not but his her "
+    "their they we you he she cat dog house tree river city music paper code model layer word sentence "
+    "red blue green small large old new fast slow happy sad one two three four five six seven eight "
+    "nine ten paris france tower king queen water fire earth light dark night day time year people "
+    "world story book science art history game team player food car road school student teacher "
+    "computer data number language bird fish sun moon star sky sea ship war peace love hope . , ! ?"
+).split()
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+    return tok
+
+
+def make_config(arch: str, vocab_size: int, layers: int = 4, hidden: int = 32):
+    from transformers import Gemma2Config, LlamaConfig, Phi3Config, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=SPECIALS.index("<bos>"),
+        eos_token_id=SPECIALS.index("<eos>"),
+        pad_token_id=SPECIALS.index("<pad>"),
+        tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "gemma2":
+        return Gemma2Config(**common, head_dim=8, sliding_window=4, query_pre_attn_scalar=8)
+    if arch == "phi3":
+        return Phi3Config(**common)
+    raise ValueError(arch)
+
+
+def make_model(arch: str = "llama", layers: int = 4, hidden: int = 32, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    cfg = make_config(arch, len(tok), layers, hidden)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager" if arch == "gemma2" else "sdpa")
+    model.generation_config.eos_token_id = cfg.eos_token_id
+    model.generation_config.pad_token_id = cfg.pad_token_id
+    model.generation_config.bos_token_id = cfg.bos_token_id
+    return model.eval(), tok
+
+
+def make_backbone(arch: str = "llama", layers: int = 4, hidden: int = 32, seed: int = 0):
+    from nla_space.backbone import from_model
+
+    model, tok = make_model(arch, layers, hidden, seed)
+    return from_model(model, tok, spec=f"tiny-{arch}")
+
+
+def save_backbone(folder: Path, arch: str = "llama", layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    model, tok = make_model(arch, layers, hidden, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
