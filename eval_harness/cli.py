@@ -1,0 +1,58 @@
+"""``python -m eval_harness <command>``: one module per command.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Bad input (:class:`nla_space.errors.NLAInputError`) prints one ``error:`` line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from typing import Sequence
+
+from nla_space.errors import NLAInputError
+
+#: command name → module (modules not present in this checkout are skipped)
+COMMANDS: dict[str, str] = {
+    "targets": "eval_harness.cmd_targets",
+    "train": "eval_harness.cmd_train",
+    "centered-eval": "eval_harness.cmd_centered_eval",
+    "rerank-eval": "eval_harness.cmd_rerank_eval",
+    "oracle-ceiling": "eval_harness.cmd_oracle_ceiling",
+    "leaderboard": "eval_harness.cmd_leaderboard",
+    "publish": "eval_harness.cmd_publish",
+    "bench": "eval_harness.cmd_bench",
+    "policy-eval": "eval_harness.cmd_policy_eval",
+    "roundtrip": "eval_harness.cmd_roundtrip",
+}
+
+
+def _available() -> dict[str, object]:
+    mods = {}
+    for name, modname in COMMANDS.items():
+        if importlib.util.find_spec(modname) is not None:
+            mods[name] = importlib.import_module(modname)
+    return mods
+
+
+def build_parser(mods: dict[str, object]) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m eval_harness", description="nla-space evaluation harness")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, mod in mods.items():
+        p = sub.add_parser(name, help=getattr(mod, "HELP", ""), description=getattr(mod, "HELP", ""))
+        mod.add_arguments(p)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mods = _available()
+    args = build_parser(mods).parse_args(argv)
+    try:
+        return int(mods[args.command].run(args) or 0)
+    except NLAInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
