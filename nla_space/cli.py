@@ -150,9 +150,21 @@ def _cmd_cards() -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """No per-tensor loading bars or library chatter on a terminal meant for results."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         if args.command == "verbalize":
             return _cmd_verbalize(args)

@@ -60,14 +60,19 @@ def sample(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    stop_ids: list[int] | None = None,
 ) -> Rollout:
-    """Continue the soft ``prefix`` (B, P, d), already in the backbone's dtype and scale."""
+    """Continue the soft ``prefix`` (B, P, d), already in the backbone's dtype and scale.
+
+    ``stop_ids`` defaults to the backbone's; ``[]`` forces fixed-length rollouts (benchmarks).
+    """
     from transformers import DynamicCache
 
     model = backbone.model
     B, P, _ = prefix.shape
     device = prefix.device
-    stop = torch.tensor(backbone.stop_ids or [-1], device=device)
+    stops = backbone.stop_ids if stop_ids is None else list(stop_ids)
+    stop = torch.tensor(stops or [-1], device=device)
     pad = backbone.pad_id
     out_ids = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -91,4 +96,4 @@ def sample(
             logits_to_keep=1,
         )
     ids = out_ids[:, :steps]
-    return Rollout(ids=ids, mask=eos_inclusive_mask(ids, backbone.stop_ids))
+    return Rollout(ids=ids, mask=eos_inclusive_mask(ids, stops))

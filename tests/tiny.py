@@ -89,3 +89,20 @@ def save_backbone(folder: Path, arch: str = "llama", layers: int = 4, hidden: in
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return folder
+
+
+def make_card_folder(folder: Path, backbone_folder: Path, layer: int = 2, num_prefix_tokens: int = 1, seed: int = 0) -> Path:
+    """An SRT-style card folder (``config.json`` + ``av.safetensors``) for a saved tiny backbone,
+    with a randomly perturbed projection so the AV is not the identity."""
+    from nla_space.backbone import load_backbone
+    from nla_space.verbalizers import NLAConfig, build_prefix_av
+
+    bb = load_backbone(str(backbone_folder))
+    cfg = NLAConfig(backbone_id=str(backbone_folder), backbone_dtype="float32", extraction_layer=layer,
+                    max_new_tokens=16, num_prefix_tokens=num_prefix_tokens)
+    av = build_prefix_av(cfg, bb)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        av.proj.weight.add_(0.1 * torch.randn(av.proj.weight.shape, generator=g))
+    av.save(folder)
+    return folder
