@@ -12,6 +12,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Outside CI, tests share the 2 cores with training runs and other work: one thread per test
+# process (and its subprocesses) avoids OpenMP oversubscription, which is far slower than one
+# thread. CI (CI=true) uses the default. NLA_TEST_THREADS overrides both.
+_threads = os.environ.get("NLA_TEST_THREADS") or ("" if os.environ.get("CI") == "true" else "1")
+if _threads:
+    os.environ["OMP_NUM_THREADS"] = _threads
+    os.environ["MKL_NUM_THREADS"] = _threads
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -20,6 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pytest  # noqa: E402
 
 import tiny  # noqa: E402
+
+if _threads:
+    import torch  # noqa: E402
+
+    torch.set_num_threads(int(_threads))
 
 ARTIFACTS = ROOT / "test-artifacts"
 
