@@ -50,11 +50,12 @@ def snapshot(repo_id: str, revision: str | None, allow_patterns: Iterable[str] |
     Raises :class:`CheckpointError` with a readable reason when the files are not reachable (offline
     and not cached, unknown repo, network down).
     """
+    from huggingface_hub import constants as hub_constants
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import is_offline_mode
 
-    if not is_pinned(revision):
-        log.warning("%s: revision %r is not a commit SHA; the download is not pinned", repo_id, revision)
+    def is_offline_mode() -> bool:  # huggingface_hub 1.x/2.x moved it out of ``utils``
+        return bool(hub_constants.HF_HUB_OFFLINE)
+
     try:
         path = snapshot_download(
             repo_id, revision=revision, allow_patterns=list(allow_patterns) if allow_patterns else None
@@ -62,6 +63,8 @@ def snapshot(repo_id: str, revision: str | None, allow_patterns: Iterable[str] |
     except Exception as exc:  # huggingface_hub raises many types; all mean "not available"
         mode = "offline mode (HF_HUB_OFFLINE=1) and not in the local cache" if is_offline_mode() else "download failed"
         raise CheckpointError(f"cannot get {repo_id}@{revision or 'main'}: {mode} ({type(exc).__name__}: {exc})") from exc
+    if not is_pinned(revision):  # after the download, so that a failure stays one line
+        log.warning("%s: revision %r is not a commit SHA; the download is not pinned", repo_id, revision)
     return Path(path)
 
 

@@ -139,9 +139,12 @@ class _Phase:
         self.timer.times[self.name] = self.timer.times.get(self.name, 0.0) + time.perf_counter() - self.t0
 
 
-def check_params(k: int, tau: float, temperature: float, max_new_tokens: int) -> None:
+def check_params(k: int, tau: float, temperature: float, max_new_tokens: int, seed: int | None = None) -> None:
     """Refuse parameters outside the stated ranges with a readable message."""
     from .errors import NLAInputError
+
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+        raise NLAInputError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
 
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
         raise NLAInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")

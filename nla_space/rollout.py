@@ -61,10 +61,13 @@ def sample(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     stop_ids: list[int] | None = None,
+    stop_sequences: list[list[int]] | None = None,
 ) -> Rollout:
     """Continue the soft ``prefix`` (B, P, d), already in the backbone's dtype and scale.
 
     ``stop_ids`` defaults to the backbone's; ``[]`` forces fixed-length rollouts (benchmarks).
+    ``stop_sequences`` also end a row when its last generated tokens equal one of them (e.g. the
+    ids of ``</explanation>``); the row stays valid through the end of the sequence.
     """
     from transformers import DynamicCache
 
@@ -76,6 +79,8 @@ def sample(
     pad = backbone.pad_id
     out_ids = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+    seqs = [torch.tensor(q, device=device) for q in (stop_sequences or []) if len(q) > 0]
     mask = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=device)
     cache = DynamicCache(config=model.config)
     out = model(inputs_embeds=prefix, attention_mask=mask[:, :P], past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -84,7 +89,13 @@ def sample(
         nxt = _pick(out.logits[:, -1, :], temperature, top_p, greedy, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         out_ids[:, t] = nxt
-        finished |= torch.isin(nxt, stop)
+        done_now = torch.isin(nxt, stop)
+        for q in seqs:
+            if t + 1 >= len(q):
+                done_now |= (out_ids[:, t + 1 - len(q) : t + 1] == q).all(dim=1)
+        done_now &= ~finished
+        lengths[done_now] = t + 1
+        finished |= done_now
         steps = t + 1
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
@@ -96,4 +107,5 @@ def sample(
             logits_to_keep=1,
         )
     ids = out_ids[:, :steps]
-    return Rollout(ids=ids, mask=eos_inclusive_mask(ids, stops))
+    mask = (torch.arange(steps, device=device)[None, :] < lengths[:, None]).long()
+    return Rollout(ids=ids, mask=mask)

@@ -121,7 +121,7 @@ class OpenCard:
         progress: ProgressFn | None = None,
     ) -> policy.Verbalization:
         tau = self.card.default_tau if tau is None else tau
-        policy.check_params(k, tau, temperature, max_new_tokens)
+        policy.check_params(k, tau, temperature, max_new_tokens, seed)
         layer = self.check_layer(layer)
         timer = policy.Timer()
         step = progress or (lambda frac, msg: None)
@@ -161,6 +161,10 @@ class OpenCard:
 def open_card(card: str | Card | None = None, backbone: str | None = None, device: str | None = None, revision: str | None = None) -> OpenCard:
     """Open a card: resolve it, load (or share) its backbone, build and load its AV, read its μ."""
     card = card if isinstance(card, Card) else find_card(card)
+    if card.kind == "injection":
+        from .verbalizers.injection import open_injection_card
+
+        return open_injection_card(card, backbone=backbone, device=device, revision=revision)  # type: ignore[return-value]
     if card.kind != "prefix":
         raise NLAInputError(f"card {card.id}: kind {card.kind!r} is not supported by this version")
     bb_spec = backbone or card.backbone_id
@@ -181,10 +185,18 @@ def open_card(card: str | Card | None = None, backbone: str | None = None, devic
         )
     if cfg.extraction_layer not in card.layers:
         card.layers = [cfg.extraction_layer]
+    if cfg.d_vector is not None and cfg.d_vector != bb.hidden_size:
+        raise CheckpointError(
+            f"card {card.id}: d_vector={cfg.d_vector} but the backbone has d={bb.hidden_size}; "
+            "scoring re-encodes with the backbone, so the AV must read vectors of the backbone's size"
+        )
     av = build_prefix_av(cfg, bb)
     if weights is not None:
         load_adapter_weights(av, weights)
         trained = True
+    elif folder is not None and card.source_file is not None and Path(card.source_file).is_dir():
+        # A folder given as the card itself (not a built-in card's shipped assets): weights are required.
+        raise CheckpointError(f"{folder}: no AV weights (av.safetensors or best_av.pt): not a complete release folder")
     elif card.local_folder is not None:
         trained = False
         notes.append("untrained: no AV weights are shipped for this card yet; an identity-initialised AV is running")
@@ -196,6 +208,8 @@ def open_card(card: str | Card | None = None, backbone: str | None = None, devic
     mu = _load_mu(folder, card, card.default_layer)
     if mu is not None and mu.numel() != bb.hidden_size:
         raise CheckpointError(f"card {card.id}: μ has {mu.numel()} values, the backbone has d={bb.hidden_size}")
+    if mu is not None and not torch.isfinite(mu).all():
+        raise CheckpointError(f"card {card.id}: μ contains NaN or infinite values")
     if mu is None:
         notes.append("no μ for this card: scores are raw fve_nrm, not centered")
     return OpenCard(card=card, backbone=bb, av=av, trained=trained, mu=mu, notes=notes)

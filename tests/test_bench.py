@@ -44,3 +44,22 @@ def test_flop_count_grows_with_k_and_tokens(tmp_path):
     assert flop_count(opened, 2, 8, 2) > flop_count(opened, 1, 8, 2)
     assert flop_count(opened, 1, 16, 2) > flop_count(opened, 1, 8, 2)
     assert matmul_gflops(torch.device("cpu"), n=256, reps=2) > 0.1
+
+
+def test_stop_sequences_end_rows_and_mask_through_the_sequence(tmp_path):
+    opened = _opened(tmp_path)
+    bb = opened.backbone
+    v = torch.randn(bb.hidden_size)
+    prefix = opened.av.embeds(v[None].expand(4, -1), bb)
+    free = sample(bb, prefix, 10, generator=torch.Generator().manual_seed(3), stop_ids=[])
+    # Use the first row's tokens 2..3 as a two-token stop sequence: row 0 must stop right there.
+    seq = free.ids[0, 2:4].tolist()
+    roll = sample(bb, prefix, 10, generator=torch.Generator().manual_seed(3), stop_ids=[], stop_sequences=[seq])
+    assert roll.ids[0, :4].tolist() == free.ids[0, :4].tolist()
+    assert int(roll.mask[0].sum()) <= 4
+    first = next(t for t in range(1, 10) if free.ids[0, t - 1 : t + 1].tolist() == seq)
+    assert int(roll.mask[0].sum()) == first + 1
+    for r in range(4):  # every row: valid up to the first occurrence (or everything)
+        row = free.ids[r].tolist()
+        hits = [t for t in range(1, 10) if row[t - 1 : t + 1] == seq]
+        assert int(roll.mask[r].sum()) == (hits[0] + 1 if hits else roll.ids.shape[1])

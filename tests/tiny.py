@@ -106,3 +106,58 @@ def make_card_folder(folder: Path, backbone_folder: Path, layer: int = 2, num_pr
         av.proj.weight.add_(0.1 * torch.randn(av.proj.weight.shape, generator=g))
     av.save(folder)
     return folder
+
+
+# --- Marker tokenizer (injection AVs): appended for tests/test_injection.py and test_reconstructors.py ---
+
+MARKERS = ("★", "㈎")
+CHAT_SPECIALS = ["<|user|>", "<|end|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_marker_tokenizer(corpus: list[str] | None = None, vocab_size: int = 420):
+    """A byte-level BPE tokenizer trained on the fly (milliseconds), like GPT-2/Qwen/Phi-4 tokenizers:
+    ``<concept>`` splits into ``<``, ``concept``, ``>`` and ``</concept>`` into ``</``, ``concept``,
+    ``>``; the markers ★ and ㈎ are single (added) tokens; it has a chat template with
+    ``<|user|>``/``<|end|>``/``<|assistant|>`` and decodes back to the exact text."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = list(corpus or []) + [" ".join(WORDS)] * 3 + [
+        "<concept></concept> <explanation></explanation> <text></text> <summary> depth 10% 25% 47% 55% 73% 96%",
+    ] * 20
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS + CHAT_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(text, trainer=trainer)
+    tk.add_tokens([AddedToken(m, normalized=False, special=False) for m in MARKERS])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        additional_special_tokens=CHAT_SPECIALS,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_marker_model(arch: str = "phi3", layers: int = 4, hidden: int = 32, seed: int = 0, corpus: list[str] | None = None):
+    """A tiny random model of ``arch`` with :func:`make_marker_tokenizer`."""
+    from transformers import AutoModelForCausalLM
+
+    tok = make_marker_tokenizer(corpus)
+    torch.manual_seed(seed)
+    cfg = make_config(arch, len(tok), layers, hidden)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager" if arch == "gemma2" else "sdpa")
+    model.generation_config.eos_token_id = cfg.eos_token_id
+    model.generation_config.pad_token_id = cfg.pad_token_id
+    model.generation_config.bos_token_id = cfg.bos_token_id
+    return model.eval(), tok

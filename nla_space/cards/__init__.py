@@ -4,7 +4,7 @@ A card file holds every card-specific fact, so the code never branches on a mode
 
 ``id``            hub id of the verbalizer (or ``nla-space/…`` for ours), also accepted by ``--card``
 ``aliases``       short names for ``--card``
-``kind``          ``"prefix"`` (SRT family) — the verbalizer class to build
+``kind``          ``"prefix"`` (SRT family) or ``"injection"`` (token-injection AVs) — the verbalizer class to build
 ``backbone``      ``{"id", "revision", "dtype"}``; ``id`` may be ``embedded:NAME``
 ``layers``        the layers the AV supports (``hidden_states`` index, see :mod:`nla_space.activations`)
 ``av``            where the weights are: ``{"repo", "revision", "files"}`` on the hub, or ``{"folder"}``
@@ -13,6 +13,9 @@ A card file holds every card-specific fact, so the code never branches on a mode
 ``default_tau``   hedging threshold on the centered scale
 ``anchors``       the card's floor/ceiling on the centered scale, with the ceiling's name
 ``published``     numbers from the card, each table with its ``source``
+``injection``     (kind ``injection``) marker, template, injection rule and scale, depth rule, parsing;
+                  see :mod:`nla_space.verbalizers.injection`
+``reconstructor`` (kind ``injection``) the AR that scores candidates; see :mod:`nla_space.reconstructors`
 
 A local folder is a card too: ``config.json`` (NLAConfig) + ``av.safetensors`` or ``best_av.pt``,
 optionally ``mu.safetensors`` / ``mu_l{ℓ}.pt`` and a ``card.json`` with any of the fields above.
@@ -45,6 +48,9 @@ class Card:
     default_tau: float = 0.6
     anchors: dict[str, Any] = field(default_factory=dict)
     published: dict[str, Any] = field(default_factory=dict)
+    #: kind "injection" only: the injection recipe and the reconstructor (see nla_space.verbalizers.injection)
+    injection: dict[str, Any] = field(default_factory=dict)
+    reconstructor: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     license: str = ""
     source_file: str | None = None

@@ -1,0 +1,138 @@
+"""``nla_meta.yaml``: the sidecar that Anthropic's NLA releases and nla-at-home adapters ship.
+
+Schema (``kitft_nla.md`` §2.2, ``nla_at_home.md`` §5.1), every key optional here::
+
+    kind: nla_model   schema_version: 2   role: av | ar (older: actor | critic)
+    d_model, n_layers, extraction_layer_index (K, a block index)
+    extraction: {injection_scale, mse_scale}
+    tokens: {injection_char, injection_token_id, injection_left_neighbor_id,
+             injection_right_neighbor_id, critic_suffix_ids}
+    prompt_templates: {av | actor, ar | critic}
+    critic: {extraction_layer_index | num_hidden_layers}          (AR sidecars)
+    depth_percentages: [...]                                      (nla-at-home universal AVs)
+    training: {injection_mode: normalize | multiply, chat_template: bool, ...}   (nla-at-home)
+
+The sidecar is the authority for the facts it states; a card supplies the rest
+(:func:`nla_space.verbalizers.injection.resolve_spec` merges them and records where each fact came
+from). It is parsed with ``yaml.safe_load`` (no code, no custom tags).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+SIDECAR_NAME = "nla_meta.yaml"
+
+
+def _get(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+@dataclass
+class Sidecar:
+    """The facts of one ``nla_meta.yaml`` (``None`` = not stated)."""
+
+    path: str
+    role: str | None = None
+    d_model: int | None = None
+    n_layers: int | None = None
+    #: K, a *block* index: the activation is ``hidden_states[K + 1]`` (see :mod:`nla_space.activations`).
+    extraction_layer_index: int | None = None
+    injection_scale: float | None = None
+    mse_scale: float | None = None
+    injection_char: str | None = None
+    injection_token_id: int | None = None
+    left_neighbor_id: int | None = None
+    right_neighbor_id: int | None = None
+    critic_suffix_ids: list[int] | None = None
+    av_template: str | None = None
+    ar_template: str | None = None
+    depth_percentages: list[int] | None = None
+    injection_mode: str | None = None
+    chat_template: bool | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str = "<dict>") -> "Sidecar":
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: nla_meta.yaml must be a mapping")
+        role = data.get("role")
+        role = {"actor": "av", "critic": "ar"}.get(role, role)
+        k = data.get("extraction_layer_index")
+        if k is None:
+            k = _get(data, "critic", "extraction_layer_index")
+        if k is None and _get(data, "critic", "num_hidden_layers") is not None:
+            k = int(_get(data, "critic", "num_hidden_layers")) - 1
+        mode = _get(data, "training", "injection_mode")
+        if mode is not None and mode not in ("normalize", "multiply"):
+            raise CheckpointError(f"{path}: training.injection_mode must be 'normalize' or 'multiply', got {mode!r}")
+        sc = cls(
+            path=path,
+            role=role,
+            d_model=_int_or_none(data.get("d_model"), path, "d_model"),
+            n_layers=_int_or_none(data.get("n_layers"), path, "n_layers"),
+            extraction_layer_index=_int_or_none(k, path, "extraction_layer_index"),
+            injection_scale=_float_or_none(_get(data, "extraction", "injection_scale"), path, "extraction.injection_scale"),
+            mse_scale=_float_or_none(_get(data, "extraction", "mse_scale"), path, "extraction.mse_scale"),
+            injection_char=_get(data, "tokens", "injection_char"),
+            injection_token_id=_int_or_none(_get(data, "tokens", "injection_token_id"), path, "tokens.injection_token_id"),
+            left_neighbor_id=_int_or_none(_get(data, "tokens", "injection_left_neighbor_id"), path, "tokens.injection_left_neighbor_id"),
+            right_neighbor_id=_int_or_none(_get(data, "tokens", "injection_right_neighbor_id"), path, "tokens.injection_right_neighbor_id"),
+            critic_suffix_ids=_get(data, "tokens", "critic_suffix_ids"),
+            av_template=_get(data, "prompt_templates", "av") or _get(data, "prompt_templates", "actor"),
+            ar_template=_get(data, "prompt_templates", "ar") or _get(data, "prompt_templates", "critic"),
+            depth_percentages=data.get("depth_percentages"),
+            injection_mode=mode,
+            chat_template=_get(data, "training", "chat_template"),
+            raw=data,
+        )
+        if sc.chat_template is not None and not isinstance(sc.chat_template, bool):
+            raise CheckpointError(f"{path}: training.chat_template must be true or false")
+        return sc
+
+
+def _int_or_none(x: Any, path: str, name: str) -> int | None:
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise CheckpointError(f"{path}: {name} must be an integer, got {x!r}")
+    return x
+
+
+def _float_or_none(x: Any, path: str, name: str) -> float | None:
+    if x is None or x in ("raw",):
+        return None
+    if x == "sqrt_d_model":
+        return None  # resolved by the caller from d
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise CheckpointError(f"{path}: {name} must be a number, got {x!r}")
+    return float(x)
+
+
+def load_sidecar(folder: Path | None) -> Sidecar | None:
+    """The sidecar of a checkpoint folder, or None when it ships none."""
+    if folder is None:
+        return None
+    path = Path(folder) / SIDECAR_NAME
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{path}: not a readable YAML sidecar ({exc})") from exc
+    sc = Sidecar.from_dict(data or {}, str(path))
+    log.info("read sidecar %s (role %s)", path, sc.role)
+    return sc
