@@ -165,9 +165,20 @@ def _freeze(model: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``auto``/None → CUDA when available, else CPU; refuses unknown or unavailable devices."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise NLAInputError(f"device {device!r} is not a device name (cpu, cuda, cuda:N or auto)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NLAInputError(f"device {device!r} was requested but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise NLAInputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise NLAInputError(f"device {device!r} is not supported: use cpu, cuda or auto")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 from .errors import NLAInputError
 from .policy import MAX_K, MAX_NEW_TOKENS, Verbalization
@@ -39,7 +39,11 @@ def _read_texts(path: str) -> Iterator[tuple[Any, str]]:
     if not p.is_file():
         raise NLAInputError(f"texts file not found: {p}")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        content = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise NLAInputError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    for n, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -82,7 +86,7 @@ def _finite(name: str, kind: type):
         try:
             val = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {s!r}")
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {s!r}")
         if isinstance(val, float) and not math.isfinite(val):
             raise argparse.ArgumentTypeError(f"{name} must be finite, got {s!r}")
         return val
@@ -90,8 +94,16 @@ def _finite(name: str, kind: type):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error: …`` line on stderr and exit code 2."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m nla_space", description="Read a language model's activation as a sentence.")
+    ap = _Parser(prog="python -m nla_space", description="Read a language model's activation as a sentence.")
     sub = ap.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verbalize", help="verbalize a text's activation (or a raw vector)")
     v.add_argument("--card", default=None, help="card id, alias or local folder (default: the embedded card)")

@@ -95,6 +95,47 @@ class OpenCard:
             raise NLAInputError("the vector contains NaN or infinite values")
         return v
 
+    # -- the interface the harness uses for every card kind (OpenInjectionCard has the same methods) --
+
+    #: what :meth:`reconstruct` returns: activations, scored against ``v`` (μ-centered when there is a μ)
+    scorer_space = "activation"
+    scorer_name = "backbone self-re-encode"
+
+    @property
+    def top_p(self) -> float:
+        return float(self.av.cfg.top_p)
+
+    def extract(self, text: str, layer: int) -> torch.Tensor:
+        """The activation (float32, (d,)) of ``text`` at ``layer`` (:func:`nla_space.activations.extract`)."""
+        return activations.extract(self.backbone, text, layer)
+
+    def candidate_texts(self, roll: Rollout) -> list[str]:
+        """Each row's valid tokens decoded without special tokens."""
+        tok = self.backbone.tokenizer
+        return [tok.decode([int(t) for t in roll.ids[i, : int(roll.mask[i].sum())]], skip_special_tokens=True) for i in range(roll.ids.shape[0])]
+
+    def reconstruct(self, roll: Rollout, layer: int) -> torch.Tensor:
+        """The scorer's vectors of a rollout's candidates: the round-trip re-encoding, (n, d) float32."""
+        return reencode_ids(self.backbone, layer, roll.ids.to(self.backbone.device), roll.mask.to(self.backbone.device)).float().cpu()
+
+    def reconstruct_texts(self, texts: list[str], layer: int) -> torch.Tensor:
+        """Texts re-encoded like candidates (tokenised without special tokens, EOS-free), (n, d) float32."""
+        from .rollout import eos_inclusive_mask
+
+        bb = self.backbone
+        rows = [[int(i) for i in bb.tokenizer(t, add_special_tokens=False)["input_ids"]] or [bb.pad_id] for t in texts]
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), bb.pad_id, dtype=torch.long)
+        valid = torch.zeros((len(rows), T), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r)
+            valid[j, : len(r)] = 1
+        return self.reconstruct(Rollout(ids=ids, mask=eos_inclusive_mask(ids, bb.stop_ids) * valid), layer)
+
+    def score_target(self, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """What reconstructions are compared with: the activation itself."""
+        return v.float()
+
     def rollout(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, greedy: bool, seed: int | None, layer: int) -> Rollout:
         """K candidates for ``v`` in one batched call (one greedy candidate when ``greedy``)."""
         n = 1 if greedy else k

@@ -1,0 +1,82 @@
+"""End to end on the real embedded backbone (SmolLM2-135M-Instruct) through the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = "The Eiffel Tower is in Paris, the capital of France."
+ARGS = ["--text", TEXT, "--k", "8", "--json", "--seed", "3", "--max-new-tokens", "16"]
+
+
+#: One intra-op thread: on a shared, loaded CPU two spinning OpenMP threads run a SmolLM2 forward
+#: 5-10x slower than one; the in-process half of the test uses the same count, so both halves
+#: reduce in the same order and must agree token for token.
+THREADS = 1
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(THREADS))
+    return subprocess.run([sys.executable, "-m", "nla_space", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.e2e
+def test_cli_verbalize_embedded_json(smollm2):
+    proc = _run(["verbalize", *ARGS])
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    d = json.loads(lines[0])
+
+    assert d["card"] == "nla-space/smollm2-135m-L21" and d["layer"] == 21 and d["k"] == 8
+    from nla_space.cards import find_card
+
+    assert d["tau"] == find_card("embedded").default_tau and isinstance(d["trained"], bool) and d["seed"] == 3 and d["greedy"] is False
+    assert isinstance(d["hedged"], bool) and isinstance(d["centered"], bool)
+    assert len(d["candidates"]) == 8 and 0 <= d["best_index"] < 8
+    best = d["best"]
+    assert set(best) == {"text", "token_ids", "score_raw", "score_cen"}
+    assert best == d["candidates"][d["best_index"]]
+    assert isinstance(best["text"], str) and 1 <= len(best["token_ids"]) <= 16
+    for c in d["candidates"]:
+        assert 0.0 <= c["score_raw"] <= 1.0 and math.isfinite(c["score_raw"])
+        assert (c["score_cen"] is None) == (not d["centered"])
+    key = "score_cen" if d["centered"] else "score_raw"
+    assert best[key] == max(c[key] for c in d["candidates"])
+    assert d["score"] == best[key] and d["hedged"] == (d["score"] < d["tau"])
+    assert {"extract_s", "sample_s", "score_s", "total_s"} <= set(d["timings"])
+    if not d["trained"]:
+        assert any("untrained" in n for n in d["notes"])
+
+    # Same seed, same output: the in-process path (same card, same backbone) reproduces the
+    # subprocess's candidates token for token.
+    import torch
+
+    from nla_space.runtime import open_card
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        res = open_card("embedded").verbalize(text=TEXT, k=8, seed=3, max_new_tokens=16)
+        other = open_card("embedded").verbalize(text=TEXT, k=8, seed=4, max_new_tokens=16)
+    finally:
+        torch.set_num_threads(threads)
+    assert [c.token_ids for c in res.candidates] == [c["token_ids"] for c in d["candidates"]]
+    assert [c.score_raw for c in res.candidates] == pytest.approx([c["score_raw"] for c in d["candidates"]], abs=1e-5)
+    assert res.best_index == d["best_index"]
+    assert [c.token_ids for c in other.candidates] != [c["token_ids"] for c in d["candidates"]]
+
+
+@pytest.mark.e2e
+def test_cli_embedded_bad_layer_exits_2():
+    proc = _run(["verbalize", "--text", TEXT, "--layer", "30"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: card nla-space/smollm2-135m-L21 supports layer(s) [21], not 30"]
