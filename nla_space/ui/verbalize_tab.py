@@ -1,0 +1,100 @@
+"""The Verbalize tab: one text, one card, K candidates, the best one with its hedge badge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ..cards import REPO_ROOT, find_card
+from . import engine, handlers, views
+
+EXAMPLES_FILE = REPO_ROOT / "assets" / "examples.json"
+DEFAULT_K = 8
+
+
+def load_examples(path: Path = EXAMPLES_FILE) -> list[dict[str, str]]:
+    """The curated examples (``assets/examples.json``); an empty list if the file is missing."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [e for e in data.get("examples", []) if isinstance(e, dict) and isinstance(e.get("text"), str)]
+
+
+def card_dropdown(elem_id: str, label: str = "Card") -> gr.Dropdown:
+    opts = engine.card_options()
+    return gr.Dropdown(choices=[(o.label, o.id) for o in opts], value=engine.default_card_id(), label=label,
+                       elem_id=elem_id, scale=3, info="cards marked 'requires download' fetch a backbone from the Hub")
+
+
+def settings(prefix: str, *, k: int = DEFAULT_K, greedy: bool = False, seed: int = 0, open_: bool = False) -> dict[str, Any]:
+    """Card + layer pickers and the Advanced accordion; returns the components by name."""
+    card = find_card(engine.default_card_id())
+    with gr.Row():
+        c = card_dropdown(f"{prefix}card")
+        layer = gr.Dropdown(choices=list(card.layers), value=card.default_layer, label="Layer", scale=1,
+                            elem_id=f"{prefix}layer", info="hidden_states index the card supports")
+    with gr.Accordion("Advanced", open=open_):
+        ks = gr.Slider(1, engine.APP_MAX_K, value=k, step=1, label="K (candidates to sample)", elem_id=f"{prefix}k")
+        tau = gr.Slider(0.0, 1.0, value=card.default_tau, step=0.01, label="τ (hedging threshold)", elem_id=f"{prefix}tau")
+        temp = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature", elem_id=f"{prefix}temperature")
+        sd = gr.Number(value=seed, precision=0, minimum=0, label="Seed", elem_id=f"{prefix}seed")
+        gr_ = gr.Checkbox(value=greedy, label="Greedy (one greedy candidate instead of best-of-K)", elem_id=f"{prefix}greedy")
+    c.change(handlers.card_changed, c, [layer, tau], queue=False, api_visibility="private")
+    return {"card": c, "layer": layer, "k": ks, "tau": tau, "temperature": temp, "seed": sd, "greedy": gr_}
+
+
+def build(concurrency: int) -> dict[str, Any]:
+    with gr.Row():
+        with gr.Column(scale=5):
+            text = gr.Textbox(label="Input text", lines=3, max_lines=12, elem_id="input-text",
+                              placeholder="Type a sentence; its activation at the read position is verbalized.",
+                              max_length=engine.MAX_TEXT_CHARS)
+            s = settings("")
+            with gr.Row():
+                run = gr.Button("Verbalize", variant="primary", elem_id="run")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            examples = load_examples()
+            if examples:
+                gr.Examples(examples=[[e["text"]] for e in examples], inputs=[text], label="Examples",
+                            example_labels=[e.get("label") or e["text"][:40] for e in examples],
+                            cache_examples=False, examples_per_page=8)
+        with gr.Column(scale=6):
+            badge = gr.HTML(elem_id="badge")
+            best = gr.Textbox(label="Best verbalization", elem_id="best", lines=2, max_lines=8, interactive=False,
+                              buttons=["copy"])
+            notes = gr.Markdown(elem_id="notes")
+            heat = gr.HighlightedText(label="Input tokens: cosine of each token's state to v, the read vector at the last token (centered by μ, or by this text's mean state)",
+                                      elem_id="heat", combine_adjacent=False, show_legend=False)
+    with gr.Row():
+        with gr.Column(scale=6):
+            table = gr.Dataframe(headers=views.CANDIDATE_COLUMNS, label="Candidates (sorted by score; ★ = chosen)",
+                                 elem_id="candidates", wrap=True, interactive=False, max_height=420,
+                                 column_widths=["7%", "8%", "12%", "12%", "61%"],
+                                 datatype=["number", "str", "number", "number", "str"])
+        with gr.Column(scale=5):
+            plot = gr.Plot(label="Scores of the K candidates, τ, and the card's floor and ceiling", show_label=False,
+                           elem_id="score-plot")
+    with gr.Row():
+        timings = gr.Markdown(elem_id="timings")
+        download = gr.File(label="Download the result (JSON)", elem_id="download", interactive=False)
+    with gr.Accordion("Result JSON (same object as `python -m nla_space verbalize --json`)", open=False):
+        raw = gr.JSON(elem_id="result-json")
+
+    def on_run(text: str, card: str, layer: Any, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
+               progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+        result, heat_ = handlers.run_checked(progress=progress, text=text, card=card, layer=layer, k=k, tau=tau,
+                                             temperature=temperature, seed=seed, greedy=greedy)
+        return handlers.render(result, heat_)
+
+    inputs = [text, s["card"], s["layer"], s["k"], s["tau"], s["temperature"], s["seed"], s["greedy"]]
+    outputs = [badge, best, notes, heat, table, plot, timings, download, raw]
+    ev = run.click(on_run, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,
+                   api_visibility="undocumented", api_name="verbalize_ui", show_progress="full")
+    ev2 = text.submit(on_run, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,
+                      api_visibility="private", show_progress="full")
+    stop.click(None, None, None, cancels=[ev, ev2], queue=False, api_visibility="private")
+    return {"text": text, "run": run, "best": best, **s}

@@ -1,0 +1,130 @@
+"""Turn a result (``Verbalization.to_dict()``) into what the page shows: badge, table, plot, notes.
+
+Pure functions of plain data (no Gradio, no model), so they are easy to test and reuse.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import pandas as pd
+
+from ..cards import Card
+
+CANDIDATE_COLUMNS = ["rank", "chosen", "score (centered)", "score (raw)", "candidate"]
+
+
+def score_kind(result: dict[str, Any]) -> str:
+    return "centered" if result.get("centered") else "raw"
+
+
+def badge_html(result: dict[str, Any]) -> str:
+    """The hedged / confident badge at τ, plus an untrained warning when the AV is untrained."""
+    hedged = bool(result["hedged"])
+    cls, word = ("hedged", "HEDGED") if hedged else ("confident", "CONFIDENT")
+    why = "below" if hedged else "at or above"
+    parts = [
+        f'<div class="nla-badges"><span class="nla-badge nla-{cls}" id="nla-badge-{cls}">{word}</span>'
+        f'<span class="nla-score">{score_kind(result)} score <b>{result["score"]:.3f}</b> is {why} '
+        f'τ = {result["tau"]:.3f}</span>'
+    ]
+    if not result.get("trained", False):
+        parts.append('<span class="nla-badge nla-untrained">UNTRAINED AV</span>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def notes_markdown(result: dict[str, Any]) -> str:
+    lines = []
+    if not result.get("trained", False):
+        lines.append("⚠️ **Untrained AV**: this card runs an identity-initialised verbalizer (no trained weights "
+                     "are shipped yet), so the candidates are not readings of the activation. The scores and "
+                     "the best-of-K machinery still work.")
+    if not result.get("centered", False):
+        lines.append("Scores are raw fve_nrm (the card has no μ), not centered; the raw floor sits well above 0.5.")
+    for n in result.get("notes", []):
+        if not n.startswith("untrained") and not n.startswith("no μ"):
+            lines.append(f"Note: {n}")
+    return "\n\n".join(lines)
+
+
+def _sort_key(c: dict[str, Any], centered: bool) -> float:
+    s = c["score_cen"] if centered and c.get("score_cen") is not None else c["score_raw"]
+    return -float(s)
+
+
+def candidates_frame(result: dict[str, Any]) -> pd.DataFrame:
+    """The K candidates sorted by the selection score, the chosen one marked."""
+    centered = bool(result.get("centered"))
+    cands = result["candidates"]
+    order = sorted(range(len(cands)), key=lambda i: _sort_key(cands[i], centered))
+    rows = []
+    for rank, i in enumerate(order, 1):
+        c = cands[i]
+        rows.append({
+            "rank": rank,
+            "chosen": "★" if i == result["best_index"] else "",
+            "score (centered)": round(c["score_cen"], 4) if c.get("score_cen") is not None else None,
+            "score (raw)": round(c["score_raw"], 4),
+            "candidate": c["text"] if c["text"].strip() else "(empty: whitespace or EOS only)",
+        })
+    return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
+
+
+def timings_markdown(result: dict[str, Any]) -> str:
+    t = result.get("timings", {})
+    parts = [f"{k.removesuffix('_s')} {v:.2f} s" for k, v in t.items()]
+    head = f"card `{result['card']}` · layer {result['layer']} · K={result['k']} · T={result['temperature']} · seed {result['seed']}"
+    return head + ("  \ntimings: " + " · ".join(parts) if parts else "")
+
+
+def score_plot(result: dict[str, Any], card: Card | None = None) -> Any:
+    """A matplotlib Figure: the K scores (sorted), the τ line, and the card's floor and ceiling.
+
+    The anchors are on the centered scale, so they are drawn only for centered scores.
+    """
+    from matplotlib.figure import Figure
+
+    centered = bool(result.get("centered"))
+    key = "score_cen" if centered else "score_raw"
+    cands = result["candidates"]
+    order = sorted(range(len(cands)), key=lambda i: _sort_key(cands[i], centered))
+    scores = [float(cands[i][key]) for i in order]
+    fig = Figure(figsize=(7.5, 3.0), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    colors = ["#4f46e5" if i == result["best_index"] else "#a5b4fc" for i in order]
+    ax.bar(range(1, len(scores) + 1), scores, color=colors)
+    ax.axhline(result["tau"], color="#dc2626", linestyle="--", linewidth=1.5, label=f"τ = {result['tau']:.2f}")
+    anchors = (card.anchors if card is not None else {}) or {}
+    if centered and anchors.get("random_floor_cen") is not None:
+        ax.axhline(anchors["random_floor_cen"], color="#6b7280", linestyle=":", linewidth=1.5,
+                   label=f"random floor {anchors['random_floor_cen']:.2f}")
+    if centered and anchors.get("ceiling_cen") is not None:
+        ax.axhline(anchors["ceiling_cen"], color="#059669", linestyle="-.", linewidth=1.5,
+                   label=f"ceiling {anchors['ceiling_cen']:.2f} ({anchors.get('ceiling_name', '')})")
+    lo = min(scores + [result["tau"]] + ([anchors.get("random_floor_cen")] if centered and anchors.get("random_floor_cen") else []))
+    ax.set_ylim(max(0.0, min(0.5, lo - 0.05)), 1.0)
+    ax.set_xlabel("candidate (sorted by score; dark = chosen)")
+    ax.set_ylabel(f"fve_nrm ({'centered' if centered else 'raw'})")
+    ax.set_xticks(range(1, len(scores) + 1) if len(scores) <= 32 else [1, len(scores)])
+    ax.set_title(f"{len(scores)} candidate score(s), τ and the card's anchors", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def best_text(result: dict[str, Any]) -> str:
+    text = result["best"]["text"]
+    return text if text.strip() else "(empty: the chosen candidate is whitespace or EOS only)"
+
+
+def compare_summary(result: dict[str, Any]) -> str:
+    mode = "greedy" if result.get("greedy") else f"best-of-{result['k']}"
+    return (f"**{mode}** · card `{result['card']}` · L{result['layer']} · T={result['temperature']} · seed {result['seed']}  \n"
+            f"{score_kind(result)} score **{result['score']:.3f}** vs τ {result['tau']:.3f} → "
+            f"{'hedged' if result['hedged'] else 'confident'} · {result['timings'].get('total_s', 0):.2f} s")
+
+
+def escape(s: str) -> str:
+    return html.escape(s, quote=True)

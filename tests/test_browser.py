@@ -1,0 +1,90 @@
+"""Drive the real app in headless Debian Chromium (``-m browser``): type a text, run it with K=4, see
+the best verbalization and the hedge badge, open the leaderboard and find the three SRT cards,
+open presentation mode. Screenshots go to test-artifacts/ for people to look at."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+SRT_CARDS = ["RiverRider/srt-nla-av-v1", "RiverRider/srt-nla-av-llama32-3b", "RiverRider/srt-nla-av-gemma2-2b-v1"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (apt-get install -y chromium)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    import app
+    from nla_space.ui import launch_kwargs
+
+    _, url, _ = app.demo.launch(**launch_kwargs(prevent_thread_lock=True, server_name="127.0.0.1",
+                                                server_port=_free_port(), quiet=True))
+    try:
+        yield url
+    finally:
+        app.demo.close()
+
+
+@pytest.fixture(scope="module")
+def page():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+            pg.set_default_timeout(30_000)
+            yield pg
+        finally:
+            browser.close()
+
+
+def test_verbalize_leaderboard_and_present_mode(app_url: str, page, artifacts_dir: Path) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(app_url)
+    page.locator("#input-text textarea").fill("The Eiffel Tower is in Paris, the capital of France.")
+    page.get_by_text("Advanced").first.click()
+    k = page.locator("#k input[type=number]")
+    k.fill("4")
+    k.press("Enter")
+    page.locator("#run").click()
+
+    badge = page.locator("#badge .nla-badge").first
+    expect(badge).to_be_visible(timeout=120_000)
+    assert badge.inner_text().strip() in {"CONFIDENT", "HEDGED"}
+    expect(page.locator("#best textarea")).not_to_have_value("", timeout=10_000)
+    expect(page.locator("#candidates")).to_contain_text("★")
+    expect(page.locator("#timings")).to_contain_text("K=4")
+    page.wait_for_timeout(800)  # let the plot finish drawing
+    page.screenshot(path=str(artifacts_dir / "app-verbalize.png"), full_page=True)
+
+    page.get_by_role("tab", name="Leaderboard").click()
+    findings = page.locator("#lb-findings")
+    for card in SRT_CARDS:
+        expect(findings).to_contain_text(card)
+    search = page.locator("#lb-table input").first  # the table's own filter box
+    search.fill("srt-nla-av-v1")
+    expect(page.locator("#lb-table")).to_contain_text("RiverRider/srt-nla-av-v1")
+    search.fill("")
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(artifacts_dir / "app-leaderboard.png"), full_page=True)
+
+    page.goto(app_url.rstrip("/") + "/?present=1")
+    expect(page.locator("#input-text textarea")).to_be_visible()
+    expect(page.locator("body.nla-present")).to_have_count(1)
+    expect(page.locator("#intro")).to_have_count(0)  # the chrome is hidden
+    page.screenshot(path=str(artifacts_dir / "app-present.png"))
