@@ -7,6 +7,7 @@ Bad input (:class:`nla_space.errors.NLAInputError`) prints one ``error:`` line a
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import logging
@@ -27,6 +28,11 @@ COMMANDS: dict[str, str] = {
     "bench": "eval_harness.cmd_bench",
     "policy-eval": "eval_harness.cmd_policy_eval",
     "roundtrip": "eval_harness.cmd_roundtrip",
+    "injection-targets": "eval_harness.cmd_injection_targets",
+    "train-av-lora": "eval_harness.cmd_train_av_lora",
+    "train-ar": "eval_harness.cmd_train_ar",
+    "train-grpo": "eval_harness.cmd_train_grpo",
+    "fit-compass": "eval_harness.cmd_fit_compass",
 }
 
 
@@ -47,6 +53,10 @@ def build_parser(mods: dict[str, object]) -> argparse.ArgumentParser:
     return ap
 
 
+#: OSErrors that mean "the output location cannot take data", reported as one line (exit 2).
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mods = _available()
@@ -55,4 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(mods[args.command].run(args) or 0)
     except NLAInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        # A disk that filled up (or went read-only) mid-run: one line; the finished part is kept.
+        print(f"\nerror: {exc.filename or 'file system'}: {exc.strerror or exc} "
+              "(free space or fix the location, then rerun with --resume)", file=sys.stderr)
         return 2

@@ -99,22 +99,50 @@ def write_target_set(folder: Path, vectors: torch.Tensor, texts: list[str], toke
 
 
 def load_target_set(folder: str | Path) -> TargetSet:
-    """Read a finished target set; refuses an unfinished or inconsistent folder."""
+    """Read a finished target set; refuses an unfinished, damaged or inconsistent folder with a
+    :class:`CheckpointError` naming the file and the problem."""
     folder = Path(folder)
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{folder}: no meta.json — not a targets folder (or not finished)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: not readable JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: expected a JSON object")
     if not meta.get("complete"):
         raise CheckpointError(f"{folder}: the target set is not complete (interrupted? rerun `targets --resume`)")
-    vectors = load_state_dict(folder / "vectors.safetensors")["v"].float()
+    layer = meta.get("layer")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise CheckpointError(f"{meta_path}: 'layer' must be a non-negative integer, got {layer!r}")
+    tensors = load_state_dict(folder / "vectors.safetensors")
+    if "v" not in tensors:
+        raise CheckpointError(f"{folder / 'vectors.safetensors'}: no 'v' tensor (keys: {sorted(tensors)[:5]})")
+    v = tensors["v"]
+    if v.ndim != 2 or not v.is_floating_point():
+        raise CheckpointError(f"{folder / 'vectors.safetensors'}: 'v' must be a 2-D float tensor, got shape {tuple(v.shape)} {v.dtype}")
+    if not torch.isfinite(v).all():
+        raise CheckpointError(f"{folder / 'vectors.safetensors'}: 'v' holds NaN or infinite values (not finite)")
+    vectors = v.float()
     texts, ids, splits = [], [], []
-    for line in (folder / "texts.jsonl").read_text(encoding="utf-8").splitlines():
+    texts_path = folder / "texts.jsonl"
+    try:
+        lines = texts_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{texts_path}: cannot read ({exc})") from exc
+    for lineno, line in enumerate(lines, 1):
         if line.strip():
-            row = json.loads(line)
-            texts.append(row["text"])
-            ids.append(row["token_ids"])
-            splits.append(row["split"])
+            try:
+                row = json.loads(line)
+                text, tok, split = row["text"], row["token_ids"], row["split"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{texts_path}:{lineno}: not a row {{text, token_ids, split}} (truncated? {exc})") from exc
+            if split not in SPLITS:
+                raise CheckpointError(f"{texts_path}:{lineno}: unknown split {split!r}; splits are {SPLITS}")
+            texts.append(text)
+            ids.append(tok)
+            splits.append(split)
     if len(texts) != vectors.shape[0]:
         raise CheckpointError(f"{folder}: {vectors.shape[0]} vectors but {len(texts)} texts")
     return TargetSet(folder, vectors, texts, ids, splits, meta)

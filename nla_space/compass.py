@@ -159,6 +159,28 @@ class Compass:
         return cls(maps=maps, faith_model=str(obj.get("faith_model", FAITH_MODEL)), fit_on=str(obj.get("fit_on", "unknown")))
 
 
+@dataclass
+class HeldOut:
+    """A layer map scored on rows it was not fitted on (``A`` (N, d) activations, ``Y`` (N, e) unit rows).
+
+    ``r2``: ``1 − Σ‖Y − Ŷ‖² / Σ‖Y − Ȳ‖²`` of the raw ridge output ``Ŷ = (A − μ)W`` (the map has no
+    intercept and only its direction is used, so this can be low or negative while retrieval works);
+    ``mean_cos``: mean ``t*·y``; ``top1``: 1-in-N self-retrieval of ``t*`` among the N rows' ``y``."""
+
+    n: int
+    r2: float
+    mean_cos: float
+    top1: float
+
+
+def held_out(m: LayerMap, A: torch.Tensor, Y: torch.Tensor) -> HeldOut:
+    A, Y = A.double(), Y.double()
+    P = (A - m.mu.double()) @ m.W.double()
+    r2 = 1.0 - float(((Y - P) ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum().clamp_min(1e-300))
+    cos = (l2norm(P) * l2norm(Y)).sum(-1)
+    return HeldOut(n=int(A.shape[0]), r2=r2, mean_cos=float(cos.mean()), top1=self_top1(P, Y))
+
+
 def generic_centroid(E: torch.Tensor) -> torch.Tensor:
     """``l2norm(mean of the unit rows of E)``."""
     return l2norm(l2norm(E.double()).mean(dim=0)[None])[0]
@@ -179,6 +201,16 @@ class CompassDecision:
         return self.decision == "hedge"
 
 
+def penalized(f: torch.Tensor, generic: torch.Tensor | None, lam: float) -> torch.Tensor:
+    """``s_i = f_i − λ·g_i`` (``g_i = e_i·c``) when a centroid similarity is given and λ ≠ 0, else ``f``."""
+    return f - lam * generic if generic is not None and lam != 0 else f
+
+
+def pick(f: torch.Tensor, generic: torch.Tensor | None = None, lam: float = 0.0) -> int:
+    """The selected candidate: ``argmax`` of :func:`penalized` (the first index on ties)."""
+    return int(torch.argmax(penalized(f.double(), None if generic is None else generic.double(), lam)))
+
+
 def decide(E: torch.Tensor, t: torch.Tensor, texts: Sequence[str], tau: float = DEFAULT_TAU,
            centroid: torch.Tensor | None = None, lam: float = 0.0) -> CompassDecision:
     """The §3.4 decision over candidates with unit embeddings ``E`` (N, e) and target ``t`` (e,)."""
@@ -186,7 +218,7 @@ def decide(E: torch.Tensor, t: torch.Tensor, texts: Sequence[str], tau: float = 
         raise NLAInputError("one embedding per candidate text is needed")
     E = l2norm(E.double())
     f = E @ t.double()
-    s = f - lam * (E @ centroid.double()) if centroid is not None and lam != 0 else f
+    s = penalized(f, E @ centroid.double() if centroid is not None else None, lam)
     j = int(torch.argmax(s))  # torch.argmax returns the first maximal index
     conf = float(f[j])
     n = E.shape[0]
@@ -256,6 +288,8 @@ class CompassScorer:
     embed: Embedder
     block_offset: int = 1
     folder: Path | None = None
+    #: what ``encode`` returns: sentence embeddings, not activations (no μ centering applies)
+    space = "embedding"
 
     def supports(self, layer: int) -> bool:
         return layer - self.block_offset in self.compass.maps

@@ -8,6 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+#: Bytes that :func:`check_writable` writes (and removes) to prove an output folder takes data.
+WRITE_PROBE_BYTES = 1 << 20
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename over ``path``."""
@@ -21,6 +24,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None and exc.errno is not None:  # name the file (e.g. "No space left" while writing it)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -40,3 +48,32 @@ def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = No
 
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(Path(path), lambda tmp: save_file(clean, str(tmp), metadata=metadata))
+
+
+def check_writable(folder: Path, what: str = "output", probe_bytes: int = WRITE_PROBE_BYTES) -> None:
+    """Pre-flight check before long work: create ``folder`` and write, fsync and remove a
+    ``probe_bytes`` file in it. A read-only, unwritable or full location raises
+    :class:`~nla_space.errors.NLAInputError` at start-up instead of an ``OSError`` hours later."""
+    from .errors import NLAInputError
+
+    folder = Path(folder)
+    name = None
+    if folder.exists() and not folder.is_dir():
+        raise NLAInputError(f"cannot write the {what} to {folder}: it is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".nla-write-check.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0" * probe_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise NLAInputError(f"cannot write the {what} to {folder}: {reason} (checked before starting; "
+                            f"free some space or choose another location)") from exc
+    finally:
+        if name is not None:
+            try:
+                os.unlink(name)
+            except OSError:
+                pass

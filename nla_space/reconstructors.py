@@ -121,6 +121,8 @@ class Reconstructor:
     adapter_name: str | None = None
     _views: dict[int, Any] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: what ``encode`` returns: activations (scored against the activation, μ-centered when there is a μ)
+    space = "activation"
 
     def __post_init__(self) -> None:
         d = self.backbone.hidden_size
@@ -210,6 +212,10 @@ class Reconstructor:
     @torch.inference_mode()
     def hidden(self, texts: list[str], layer: int) -> torch.Tensor:
         """``hidden_states[layer]`` at each text's read position, float32 ``(N, d)`` (no head)."""
+        return self.forward_hidden(texts, layer)
+
+    def forward_hidden(self, texts: list[str], layer: int) -> torch.Tensor:
+        """:meth:`hidden` with autograd left to the caller (the AR trainer backpropagates through it)."""
         if not texts:
             raise NLAInputError("no texts to reconstruct")
         ids, mask = self.batch(texts)

@@ -29,6 +29,8 @@ from .errors import CheckpointError
 log = logging.getLogger(__name__)
 
 SIDECAR_NAME = "nla_meta.yaml"
+#: Largest injection / MSE scale accepted (released values are ~10–200); beyond it a sidecar is refused.
+MAX_SCALE = 1e6
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -105,8 +107,8 @@ class Sidecar:
 def _int_or_none(x: Any, path: str, name: str) -> int | None:
     if x is None:
         return None
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise CheckpointError(f"{path}: {name} must be an integer, got {x!r}")
+    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        raise CheckpointError(f"{path}: {name} must be a non-negative integer, got {x!r}")
     return x
 
 
@@ -115,8 +117,8 @@ def _float_or_none(x: Any, path: str, name: str) -> float | None:
         return None
     if x == "sqrt_d_model":
         return None  # resolved by the caller from d
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise CheckpointError(f"{path}: {name} must be a number, got {x!r}")
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < float(x) <= MAX_SCALE:
+        raise CheckpointError(f"{path}: {name} must be a positive finite number up to {MAX_SCALE:g}, got {x!r}")
     return float(x)
 
 

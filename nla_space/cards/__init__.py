@@ -79,10 +79,21 @@ class Card:
         except TypeError as exc:
             raise CheckpointError(f"{source}: not a card ({exc})") from exc
         card.source_file = source
-        if not isinstance(card.layers, list) or not card.layers or not all(isinstance(x, int) for x in card.layers):
+        if not isinstance(card.layers, list) or not card.layers or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 4096 for x in card.layers):
             raise CheckpointError(f"{source}: 'layers' must be a non-empty list of integers")
-        if not isinstance(card.default_tau, (int, float)) or not 0 <= card.default_tau <= 1:
+        if isinstance(card.default_tau, bool) or not isinstance(card.default_tau, (int, float)) or not 0 <= card.default_tau <= 1:
             raise CheckpointError(f"{source}: 'default_tau' must be in [0, 1]")
+        for name in ("id", "kind", "title", "description", "license"):
+            if not isinstance(getattr(card, name), str):
+                raise CheckpointError(f"{source}: '{name}' must be a string, got {getattr(card, name)!r}")
+        for name in ("backbone", "av", "anchors", "published", "injection", "reconstructor"):
+            if not isinstance(getattr(card, name), dict):
+                raise CheckpointError(f"{source}: '{name}' must be a JSON object, got {getattr(card, name)!r}")
+        if not isinstance(card.aliases, list) or not all(isinstance(a, str) for a in card.aliases):
+            raise CheckpointError(f"{source}: 'aliases' must be a list of strings")
+        if card.mu_file is not None and not isinstance(card.mu_file, str):
+            raise CheckpointError(f"{source}: 'mu_file' must be a file name, got {card.mu_file!r}")
         return card
 
 
@@ -120,12 +131,14 @@ def card_from_folder(folder: Path) -> Card:
 
 
 def find_card(name: str | None) -> Card:
-    """Resolve ``--card``: a built-in id or alias, or a local release folder."""
+    """Resolve ``--card``: a built-in id or alias, a local release folder, or a card JSON file."""
     name = (name or DEFAULT_CARD).strip()
     for card in builtin_cards():
         if name == card.id or name in card.aliases:
             return card
     p = Path(name).expanduser()
+    if p.is_file() and p.suffix == ".json":  # a card file (any kind), e.g. a local injection card
+        return Card.from_dict(_read_json(p), str(p))
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise NLAInputError(f"{p} is a folder but has no config.json: not a verbalizer card")

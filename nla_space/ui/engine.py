@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = int(os.environ.get("NLA_SPACE_MAX_CHARS", "4000"))
 #: Largest K the app accepts (the CLI goes to policy.MAX_K); keeps one request to seconds or minutes.
 APP_MAX_K = max(1, min(MAX_K, int(os.environ.get("NLA_SPACE_MAX_K", "64"))))
+#: Longest rollout (new tokens per candidate) the app generates; a request's time grows with it.
+APP_MAX_NEW_TOKENS = max(1, min(MAX_NEW_TOKENS, int(os.environ.get("NLA_SPACE_MAX_NEW_TOKENS", "64"))))
 #: Longest GPU reservation requested on ZeroGPU, in seconds.
 MAX_GPU_SECONDS = int(os.environ.get("NLA_SPACE_MAX_GPU_SECONDS", "120"))
 
@@ -171,7 +173,7 @@ def check_request(
     temperature: Any = 1.0,
     seed: Any = 0,
     greedy: Any = False,
-    max_new_tokens: Any = 64,
+    max_new_tokens: Any = None,
 ) -> Request:
     """Normalise and check one request; raise :class:`NLAInputError` with a readable message."""
     if not isinstance(text, str) or not text.strip():
@@ -193,7 +195,7 @@ def check_request(
         temperature=_as_float("temperature", temperature, 0.0, 5.0),
         seed=None if seed in (None, "") else _as_int("seed", seed, 0, 2**63 - 1),
         greedy=bool(greedy),
-        max_new_tokens=_as_int("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS),
+        max_new_tokens=APP_MAX_NEW_TOKENS if max_new_tokens is None else _as_int("max_new_tokens", max_new_tokens, 1, APP_MAX_NEW_TOKENS),
     )
 
 

@@ -38,9 +38,12 @@ Input text
     special tokens (Anthropic), read at its last token; a text longer than ``max_tokens`` is refused
     (the reference right-truncates, which cuts off the generation prompt).
 Parsing
-    Cut each sample at the first occurrence of the token ids of the close tag, decode without
-    special tokens, drop everything up to an opening tag if the model wrote one, cut the text at the
-    first of the close tag and the card's extra markers, strip.
+    Sampling stops a row once it has written the token ids of the close tag (a stop sequence of
+    :func:`nla_space.rollout.sample`; the reference has no stopping criterion and relies on the cut
+    below, so the parsed text is the same). Cut each sample at the first occurrence of the token
+    ids of the close tag, decode without special tokens, drop everything up to an opening tag if
+    the model wrote one, cut the text at the first of the close tag and the card's extra markers,
+    strip.
 
 Scoring is a reconstructor's (:mod:`nla_space.reconstructors`: candidates → vectors, scored
 against the activation) or a compass's (:class:`nla_space.compass.CompassScorer`: candidates →
@@ -189,7 +192,7 @@ class InjectionSpec:
     def validate(self, where: str) -> None:
         if self.rule not in INJECTION_RULES:
             raise CheckpointError(f"{where}: injection rule must be one of {INJECTION_RULES}, got {self.rule!r}")
-        if not isinstance(self.scale, (int, float)) or not self.scale > 0:
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not 0 < self.scale <= 1e6:
             raise CheckpointError(f"{where}: injection scale must be a positive number, got {self.scale!r}")
         if self.depth_formula not in DEPTH_FORMULAS:
             raise CheckpointError(f"{where}: depth formula must be one of {DEPTH_FORMULAS}, got {self.depth_formula!r}")
@@ -529,12 +532,48 @@ class OpenInjectionCard:
         return activations.read_last_valid(hidden, mask)[0].float().cpu()
 
     def rollout(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, greedy: bool, seed: int | None, layer: int) -> Rollout:
+        """K candidates for ``v`` (one greedy when ``greedy``) in one batched call. A row stops at the
+        close tag (its token ids, :attr:`InjectionAV.close_ids`, as a stop sequence) or at EOS, and
+        is returned cut (:meth:`InjectionAV.cut`): the valid tokens are the explanation alone."""
         n = 1 if greedy else k
         bb = self.av.backbone
         gen = torch.Generator(device=bb.device)
         gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
         prefix = self.av.inputs_embeds(v, layer).expand(n, -1, -1)
-        return sample(bb, prefix, max_new_tokens, temperature=temperature, top_p=self.av.spec.top_p, greedy=greedy, generator=gen)
+        stops = [list(self.av.close_ids)] if self.av.close_ids else None
+        roll = sample(bb, prefix, max_new_tokens, temperature=temperature, top_p=self.av.spec.top_p, greedy=greedy, generator=gen,
+                      stop_sequences=stops)
+        return self.av.cut(roll)
+
+    # -- the interface the harness uses for every card kind (nla_space.runtime.OpenCard has the same) --
+
+    @property
+    def top_p(self) -> float:
+        return float(self.av.spec.top_p)
+
+    @property
+    def scorer_space(self) -> str:
+        """``activation`` for an AR (scored against v, μ-centered when there is a μ), ``embedding`` for a compass."""
+        return str(getattr(self.reconstructor, "space", "activation"))
+
+    @property
+    def scorer_name(self) -> str:
+        return str(self.card.reconstructor.get("kind", "reconstructor"))
+
+    def candidate_texts(self, roll: Rollout) -> list[str]:
+        """Each row's valid tokens parsed as the card says (:meth:`InjectionAV.decode`)."""
+        return [self.av.decode([int(t) for t in roll.ids[i, : int(roll.mask[i].sum())]]) for i in range(roll.ids.shape[0])]
+
+    def reconstruct_texts(self, texts: list[str], layer: int) -> torch.Tensor:
+        """The scorer's vectors of ``texts`` (AR reconstructions, or a compass's sentence embeddings), float32 CPU."""
+        return self.reconstructor.encode(list(texts), layer).float().cpu()
+
+    def reconstruct(self, roll: Rollout, layer: int) -> torch.Tensor:
+        return self.reconstruct_texts(self.candidate_texts(roll), layer)
+
+    def score_target(self, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """What reconstructions are compared with: v for an AR, the compass target t* for a compass."""
+        return self.reconstructor.target(v.float(), layer).float().cpu()
 
     @torch.inference_mode()
     def verbalize(
@@ -566,11 +605,10 @@ class OpenInjectionCard:
                     notes.append(f"read position {n_tok - 1} < {self.av.spec.input_min_position}: the AV was trained on later positions (out of distribution)")
             step(0.1, f"sampling {1 if greedy else k} candidate(s)")
             with timer.phase("sample_s"):
-                roll = self.av.cut(self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer))
+                roll = self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer)
             step(0.7, "reconstructing and scoring")
             with timer.phase("score_s"):
-                texts = [self.av.decode([int(t) for t in roll.ids[i, : int(roll.mask[i].sum())]]) for i in range(roll.ids.shape[0])]
-                h = self.reconstructor.encode(texts, layer)
+                h = self.reconstructor.encode(self.candidate_texts(roll), layer)
                 target = self.reconstructor.target(v.to(h.device), layer)
                 mu = self.mus.get(layer)
                 cands, best = policy.best_of_k(roll, self.av.decode, h, target, mu)

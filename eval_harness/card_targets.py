@@ -1,0 +1,163 @@
+"""What ``policy-eval`` and ``roundtrip`` share: any card kind (prefix/SRT or injection) on a targets
+folder, at one or more layers.
+
+Conventions (stated once here; the two commands cite them):
+
+* **Card interface.** Only the methods both card classes have: ``extract``, ``rollout``,
+  ``candidate_texts``, ``reconstruct``, ``reconstruct_texts``, ``score_target``, ``scorer_space``,
+  ``scorer_name``, ``top_p``, ``check_layer`` (``nla_space.runtime.OpenCard`` and
+  ``nla_space.verbalizers.injection.OpenInjectionCard``). For a prefix card the "AR" is the backbone
+  self-re-encode (the round-trip convention); for an injection card it is the card's reconstructor.
+* **Targets** are the first rows of the held-out ``test`` split, in row order; μ comes from the first
+  ``pool_size`` rows of the ``mu_pool`` split (disjoint by construction), as in
+  :mod:`eval_harness.evals`.
+* **Activations.** A prefix card at the targets' own layer uses the stored vectors (they were read by
+  the same :func:`nla_space.activations.extract`); every other case re-extracts them from the
+  targets' **texts** with the card's own ``extract`` (an injection card reads the chat-wrapped text
+  from its base model, which is not what the targets folder stored). ``meta.activation_source``
+  says which.
+* **Seeds.** The rollouts of target row ``i`` use :func:`eval_harness.evals.target_seed` (seed, i),
+  so a resumed or ``--limit``-ed run gives the same per-target numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nla_space.errors import NLAInputError
+from nla_space.runtime import open_card
+from nla_space.scoring import anisotropy_mu
+
+from .dataset import TargetSet, load_target_set
+from .evals import check_positive, pool_rows
+
+log = logging.getLogger(__name__)
+
+
+def add_card_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of both commands (each adds its own ``--n``)."""
+    p.add_argument("--card", required=True, help="card id, alias, local release folder, or card JSON file")
+    p.add_argument("--backbone", default=None, help="override the card's backbone (hub id, folder, embedded:NAME)")
+    p.add_argument("--targets", required=True, type=Path, help="targets folder (eval_harness targets)")
+    p.add_argument("--layer", type=int, nargs="+", action="extend", default=None,
+                   help="layer(s) ℓ to evaluate, repeatable (default: the card's default layer)")
+    p.add_argument("--pool-size", type=int, default=2000, help="μ: first N rows of the mu_pool split (default 2000)")
+    p.add_argument("--out", required=True, type=Path, help="results JSON")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many targets (smoke runs; recorded in meta)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.partial.jsonl")
+    p.add_argument("--device", default=None)
+
+
+@dataclass
+class CardTargets:
+    """An opened card (any kind), its target set, the layers, the targets and the μ pool rows."""
+
+    oc: Any
+    ts: TargetSet
+    layers: list[int]
+    targets: list[int]
+    pool: list[int]
+    _acts: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _mus: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return self.oc.card.kind
+
+    def stored(self, layer: int) -> bool:
+        """Whether the targets folder's vectors are this card's activations at ``layer``."""
+        return self.kind == "prefix" and layer == self.ts.layer
+
+    def activation(self, row: int, layer: int) -> torch.Tensor:
+        """v of target row ``row`` at ``layer`` (float32 CPU, cached; see the module docstring)."""
+        key = (row, layer)
+        if key not in self._acts:
+            if self.stored(layer):
+                self._acts[key] = self.ts.vectors[row].float()
+            else:
+                self._acts[key] = self.oc.extract(self.ts.texts[row], layer).float().cpu()
+        return self._acts[key]
+
+    def activations(self, rows: list[int], layer: int) -> torch.Tensor:
+        return torch.stack([self.activation(r, layer) for r in rows])
+
+    def mu(self, layer: int) -> torch.Tensor:
+        """μ at ``layer``: the mean of the pool rows' activations."""
+        if layer not in self._mus:
+            self._mus[layer] = anisotropy_mu(self.activations(self.pool, layer))
+        return self._mus[layer]
+
+    def depth_key(self, layer: int) -> str:
+        """Per-layer key in the reference's form ``L{ℓ}({pct}%)``: the card's prompt depth for a
+        depth-conditioned injection card, else ``round(100·ℓ/n_layers)``."""
+        pct = None
+        av = self.oc.av
+        if hasattr(av, "depth_pct"):
+            pct = av.depth_pct(layer)
+        if pct is None:
+            pct = round(100 * layer / self.oc.backbone.num_layers)
+        return f"L{layer}({pct}%)"
+
+    def meta_fields(self, args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        from .results import device_info
+
+        card, bb = self.oc.card, self.oc.backbone
+        return {
+            "card": card.id, "card_title": card.title, "card_kind": card.kind, "trained": bool(getattr(self.oc, "trained", True)),
+            "scorer": self.oc.scorer_name, "scorer_space": self.oc.scorer_space,
+            "backbone": bb.spec, "backbone_revision": bb.revision, "backbone_source": getattr(bb, "source_path", None),
+            "layers": self.layers, "M": len(self.targets), "seed": args.seed, "top_p": self.oc.top_p,
+            "max_new_tokens": args.max_new_tokens, "limit": args.limit,
+            "targets": str(self.ts.folder), "targets_split": "test",
+            "targets_rows": [self.targets[0], self.targets[-1]] if self.targets else None,
+            "targets_meta": {k: self.ts.meta.get(k) for k in ("backbone", "backbone_revision", "layer", "seed", "n", "split_counts")},
+            "activation_source": {str(L): ("targets folder vectors" if self.stored(L) else "re-extracted from the targets' texts with the card's extract")
+                                  for L in self.layers},
+            "pool_size": len(self.pool),
+            "mu_source": f"mean of the first {len(self.pool)} rows of the targets' mu_pool split (disjoint from the test split)",
+            "device": device_info(bb.device),
+            **(extra or {}),
+        }
+
+    def fingerprint(self, command: str, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+        return {"command": command, "card": self.oc.card.id, "backbone": self.oc.backbone.spec, "layers": self.layers,
+                "targets": str(Path(self.ts.folder).resolve()), "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                "pool_size": len(self.pool), **extra}
+
+
+def open_card_targets(args: argparse.Namespace, n_targets: int | None) -> CardTargets:
+    """Validate the shared arguments, open the card and the targets, pick layers, targets and pool.
+
+    ``n_targets``: the first that many test rows (None: all of them); ``--limit`` caps it further."""
+    check_positive("--pool-size", args.pool_size, 2)
+    check_positive("--limit", args.limit)
+    check_positive("--max-new-tokens", args.max_new_tokens)
+    ts = load_target_set(args.targets)
+    oc = open_card(args.card, backbone=args.backbone, device=args.device)
+    layers = [oc.check_layer(L) for L in (args.layer or [None])]
+    if len(set(layers)) != len(layers):
+        raise NLAInputError(f"--layer lists a layer twice: {layers}")
+    rows = ts.indices("test")
+    if not rows:
+        raise NLAInputError(f"{ts.folder}: the test split is empty; nothing to evaluate")
+    n = len(rows) if n_targets is None else n_targets
+    n = min(n, args.limit) if args.limit is not None else n
+    if len(rows) < n:
+        log.warning("%s: asked for %d targets, the test split has %d", ts.folder, n, len(rows))
+    ct = CardTargets(oc=oc, ts=ts, layers=layers, targets=rows[:n], pool=pool_rows(ts, args.pool_size))
+    for L in layers:
+        if ct.stored(L) and ts.vectors.shape[1] != oc.backbone.hidden_size:
+            raise NLAInputError(f"{ts.folder}: vectors have d={ts.vectors.shape[1]}, the backbone has d={oc.backbone.hidden_size}")
+        if ct.stored(L) and ts.meta.get("backbone") and ts.meta["backbone"] != oc.backbone.spec:
+            log.warning("targets were built with backbone %r, evaluating on %r", ts.meta["backbone"], oc.backbone.spec)
+    if not getattr(oc, "trained", True):
+        log.warning("card %s has no trained AV weights: these numbers measure an untrained AV", oc.card.id)
+    return ct

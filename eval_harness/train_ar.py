@@ -1,0 +1,242 @@
+"""Training of an activation reconstructor (AR: description → activation at a depth), kind ``lora_heads``.
+
+Model
+    The backbone with a PEFT LoRA adapter plus one ``Linear(d, d, bias=False)`` head per layer,
+    initialised to the identity (Anthropic's init, ``kitft_nla.md`` §1.1), kept in float32. The
+    forward is :meth:`nla_space.reconstructors.Reconstructor.forward_hidden`, the card loader's own
+    (template ``AR_TEMPLATE``, special tokens, left padding, ≤ ``max_tokens`` keeping the suffix,
+    blocks ``0..K`` with identity final norm, read at the last real token), then ``pred = h @ Wᵀ``.
+Loss
+    Anthropic's normalized MSE :func:`nla_space.reconstructors.nrm_mse` (both vectors scaled to
+    √d: ``2(1 − cos)``), mean over the batch.
+Data
+    ``(description_i, ℓ, v_iℓ)`` for every text of the ``ar_sft`` split at every layer.
+Evaluation (checkpoint selection)
+    On the ``heldout`` split (first ``eval_texts`` texts, every layer): the centered cosine
+    ``cos(pred − μ_ℓ, v − μ_ℓ)`` with the target set's μ (non-held-out mean), its per-layer means,
+    the raw cosine, and retrieval top-1 (the true text has the highest centered cosine among the
+    evaluated texts at that layer; chance = 1/n). ``best/`` keeps the highest mean centered cosine.
+Output
+    ``best/``: ``adapter_config.json`` + ``adapter_model.safetensors``, ``value_heads.safetensors``
+    (keys = block index ``str(K)``, the layout :func:`nla_space.reconstructors.open_reconstructor`
+    reads for ``lora_heads``), ``mu_L{ℓ}.safetensors`` (``{"mu"}``, for a card's ``mu_file``),
+    ``nla_meta.yaml`` (role ar), ``best.json``; ``checkpoint/`` and ``log.jsonl`` as the AV trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nla_space.backbone import Backbone
+from nla_space.errors import NLAInputError
+from nla_space.hub import load_state_dict
+from nla_space.io import atomic_write, atomic_write_json, save_tensors
+from nla_space.reconstructors import AR_TEMPLATE, ARSpec, Reconstructor, identity_head, nrm_mse
+from nla_space.scoring import cosine
+
+from .injection_targets import InjectionTargets
+from .train import _append_log, _StopFlag, _trim_log
+from .train_av_lora import add_lora, load_lora_state, lora_state, write_sidecar
+
+log = logging.getLogger(__name__)
+
+MU_FILE = "mu_L{layer}.safetensors"
+HEAD_FILE = "value_heads.safetensors"
+
+
+@dataclass
+class ARTrainConfig:
+    epochs: float = 3.0
+    lr: float = 1e-4
+    head_lr: float = 1e-3
+    batch_size: int = 8
+    max_steps: int | None = None
+    grad_clip: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: str = "all-linear"
+    max_tokens: int = 256
+    eval_every: int = 50
+    eval_texts: int = 64
+    seed: int = 0
+
+
+class ARModel(torch.nn.Module):
+    """The trainable AR: a :class:`Reconstructor` on a LoRA'd backbone + float32 per-layer heads."""
+
+    def __init__(self, backbone: Backbone, peft_model: Any, layers: list[int], max_tokens: int):
+        super().__init__()
+        d = backbone.hidden_size
+        self.rec = Reconstructor(backbone=backbone, spec=ARSpec(template=AR_TEMPLATE, padding_side="left", max_tokens=max_tokens),
+                                 heads=None, peft_model=peft_model)
+        self.heads = torch.nn.ParameterDict({str(ell): torch.nn.Parameter(identity_head(d).to(backbone.device)) for ell in layers})
+
+    def predict(self, texts: list[str], layers: list[int]) -> torch.Tensor:
+        """``(N, d)`` float32 reconstructions, one forward per distinct layer."""
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        for ell in sorted(set(layers)):
+            idx = [i for i, x in enumerate(layers) if x == ell]
+            h = self.rec.forward_hidden([texts[i] for i in idx], ell)
+            pred = h.float() @ self.heads[str(ell)].T
+            for j, i in enumerate(idx):
+                out[i] = pred[j]
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        """Heads keyed by block index (``ℓ − 1``), as released ``value_heads.safetensors`` are."""
+        return {str(int(ell) - 1): w.detach().float().cpu() for ell, w in self.heads.items()}
+
+
+@torch.no_grad()
+def evaluate_ar(model: ARModel, ts: InjectionTargets, texts: list[int], batch: int) -> dict[str, float]:
+    """Held-out centered / raw cosine and retrieval top-1 (see the module docstring)."""
+    res: dict[str, float] = {}
+    cen_all, raw_all, top1_all = [], [], []
+    for ell in ts.layers:
+        preds = []
+        for j in range(0, len(texts), batch):
+            chunk = texts[j : j + batch]
+            preds.append(model.predict([ts.descriptions[i] for i in chunk], [ell] * len(chunk)).cpu())
+        pred = torch.cat(preds)
+        gold = ts.vectors[ell][texts]
+        mu = ts.mus[ell]
+        pc, gc = pred - mu, gold - mu
+        cen = cosine(pc, gc)
+        sim = torch.nn.functional.normalize(pc, dim=-1) @ torch.nn.functional.normalize(gc, dim=-1).T
+        top1 = (sim.argmax(dim=1) == torch.arange(len(texts))).float()
+        res[f"eval_cen_cos_L{ell}"] = round(float(cen.mean()), 5)
+        cen_all.append(cen)
+        raw_all.append(cosine(pred, gold))
+        top1_all.append(top1)
+    res["eval_cen_cos"] = float(torch.cat(cen_all).mean())
+    res["eval_raw_cos"] = float(torch.cat(raw_all).mean())
+    res["eval_top1"] = float(torch.cat(top1_all).mean())
+    res["eval_top1_chance"] = 1.0 / len(texts)
+    res["eval_n"] = len(texts)
+    return res
+
+
+def save_ar_folder(folder: Path, model: ARModel, ts: InjectionTargets, extra: dict[str, Any] | None = None) -> None:
+    """The ``lora_heads`` layout the reconstructor loader reads, plus μ files and a sidecar."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.rec.peft_model.save_pretrained(str(folder))
+    save_tensors(folder / HEAD_FILE, model.head_tensors())
+    for ell, mu in ts.mus.items():
+        save_tensors(folder / MU_FILE.format(layer=ell), {"mu": mu})
+    bb = model.rec.backbone
+    write_sidecar(folder, {"kind": "nla_model", "schema_version": 2, "role": "ar", "variant": "universal",
+                           "d_model": bb.hidden_size, "n_layers": bb.num_layers, "prompt_templates": {"ar": AR_TEMPLATE},
+                           "extraction": {"mse_scale": None}, "head_blocks": sorted(int(k) for k in model.head_tensors()),
+                           "training": {"method": "lora_heads_nrm_mse", "corpus": str(ts.folder)}})
+    for name, data in (extra or {}).items():
+        atomic_write_json(folder / name, data)
+
+
+def train_ar(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: ARTrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) the AR; returns the final state. The LoRA is attached to ``backbone``'s model
+    in place: pass a private copy (``load_backbone``), not a shared one."""
+    out = Path(out)
+    if ts.meta.get("d_model") != backbone.hidden_size:
+        raise NLAInputError(f"the target set has d={ts.meta.get('d_model')}, the backbone d={backbone.hidden_size}")
+    log_path = out / "log.jsonl"
+    if not resume and (log_path.exists() or (out / "checkpoint").exists()):
+        raise NLAInputError(f"{out} already holds a run (use --resume or another --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    train_rows = ts.examples("ar_sft")
+    eval_txt = ts.indices("heldout")[: cfg.eval_texts]
+    if not train_rows or len(eval_txt) < 2:
+        raise NLAInputError(f"{ts.folder}: need a non-empty ar_sft split and ≥ 2 heldout texts")
+    pm = add_lora(backbone, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
+    model = ARModel(backbone, pm, ts.layers, cfg.max_tokens)
+    lora_params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr}, {"params": list(model.heads.parameters()), "lr": cfg.head_lr}],
+                            weight_decay=0.0)
+    spe = math.ceil(len(train_rows) / cfg.batch_size)
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * spe)))
+    state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "elapsed_s": 0.0}
+    if resume:
+        ck = out / "checkpoint"
+        if not (ck / "state.json").is_file():
+            raise NLAInputError(f"--resume: no checkpoint in {ck}")
+        load_lora_state(pm, load_state_dict(ck / "adapter.safetensors"))
+        with torch.no_grad():
+            for k, w in load_state_dict(ck / "heads.safetensors").items():
+                model.heads[k].copy_(w)
+        opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=True))
+        state = json.loads((ck / "state.json").read_text(encoding="utf-8"))
+        _trim_log(log_path, state["step"])
+    atomic_write_json(out / "train_config.json", {"targets": str(ts.folder), "backbone": backbone.spec, **asdict(cfg), "layers": ts.layers,
+                                                 "steps_per_epoch": spe, "total_steps": total, "n_train_rows": len(train_rows),
+                                                 "n_eval_texts": len(eval_txt)})
+
+    def save_ckpt() -> None:
+        ck = out / "checkpoint"
+        ck.mkdir(parents=True, exist_ok=True)
+        save_tensors(ck / "adapter.safetensors", lora_state(pm))
+        save_tensors(ck / "heads.safetensors", {k: w.detach() for k, w in model.heads.items()})
+        atomic_write(ck / "optimizer.pt", lambda tmp: torch.save(opt.state_dict(), tmp))
+        atomic_write_json(ck / "state.json", state)
+
+    def run_eval(step: int) -> dict[str, float]:
+        t = time.perf_counter()
+        pm.eval()
+        res = evaluate_ar(model, ts, eval_txt, cfg.batch_size)
+        pm.train()
+        res["eval_s"] = round(time.perf_counter() - t, 2)
+        if state["best"] is None or res["eval_cen_cos"] > state["best"]:
+            state["best"], state["best_step"] = res["eval_cen_cos"], step
+            save_ar_folder(out / "best", model, ts, {"best.json": {"step": step, **res, "targets": str(ts.folder)}})
+        return res
+
+    t0 = time.perf_counter() - float(state.get("elapsed_s", 0.0))
+    step = int(state["step"])
+    if step == 0:
+        _append_log(log_path, {"step": 0, "epoch": 0.0, "loss": None, "elapsed_s": 0.0, **run_eval(0)})
+    pm.train()
+    bar = tqdm(total=total, initial=step, desc="train-ar", unit="step", dynamic_ncols=True)
+    ema: float | None = None
+    params = lora_params + list(model.heads.parameters())
+    with _StopFlag() as flag:
+        try:
+            while step < total and not flag.stop:
+                epoch, pos = divmod(step, spe)
+                perm = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+                batch = [train_rows[j] for j in perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]]
+                pred = model.predict([ts.descriptions[i] for i, _ in batch], [ell for _, ell in batch])
+                gold = torch.stack([ts.vectors[ell][i] for i, ell in batch]).to(pred.device)
+                loss = nrm_mse(pred, gold).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                step += 1
+                lv = float(loss.detach())
+                ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+                row: dict[str, Any] = {"step": step, "epoch": round(step / spe, 4), "loss": round(lv, 5),
+                                       "elapsed_s": round(time.perf_counter() - t0, 2)}
+                if step % cfg.eval_every == 0 or step == total:
+                    row.update(run_eval(step))
+                    state.update(step=step, elapsed_s=time.perf_counter() - t0)
+                    save_ckpt()
+                _append_log(log_path, row)
+                bar.set_postfix(loss=f"{ema:.4f}", best=f"{state['best']:.3f}" if state["best"] is not None else "-")
+                bar.update(1)
+        finally:
+            bar.close()
+            state.update(step=step, elapsed_s=time.perf_counter() - t0)
+            save_ckpt()
+    state["stopped_early"] = step < total
+    state["total_steps"] = total
+    atomic_write_json(out / "result.json", state)
+    return state

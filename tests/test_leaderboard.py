@@ -1,0 +1,131 @@
+"""The leaderboard: published numbers with sources from the built-in cards, reproduced ones from
+results files, ρ with each card's own anchors, K-curves, findings, markdown and PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eval_harness.cli import main as harness
+from nla_space.leaderboard import build_leaderboard, kcurve_slope, load_leaderboard, to_markdown
+from test_evals import LAYER, eval_env  # noqa: F401  (shared fixture)
+
+SRT = ("RiverRider/srt-nla-av-v1", "RiverRider/srt-nla-av-llama32-3b", "RiverRider/srt-nla-av-gemma2-2b-v1")
+ROW_KEYS = {"card", "title", "backbone", "layer", "metric", "label", "K", "M", "published", "published_source",
+            "reproduced", "reproduced_meta", "rho_published", "rho_reproduced"}
+FINDING_KEYS = {"card", "origin", "kcurve_slope_per_doubling", "logp_rerank_minus_greedy", "spearman_logp_oracle",
+                "nn_anchor_rerank_minus_greedy", "raw_floor", "centered_floor", "centering_changes_verdict",
+                "greedy_minus_nn_retrieval"}
+
+
+def _row(lb, card, metric, K=None):
+    rows = [r for r in lb["rows"] if r["card"] == card and r["metric"] == metric and (K is None or r["K"] == K)]
+    assert rows, (card, metric, K)
+    return rows[0]
+
+
+def test_published_part_has_the_three_srt_cards_with_sources(tmp_path):
+    lb = load_leaderboard(tmp_path / "missing.json")  # no file: built from the cards
+    assert set(lb) >= {"generated", "rows", "kcurves", "findings"}
+    for r in lb["rows"]:
+        assert set(r) >= ROW_KEYS
+    for f in lb["findings"]:
+        assert set(f) >= FINDING_KEYS
+    best = {c: _row(lb, c, "adapter_cen_bestofK_mean") for c in SRT}
+    assert best[SRT[0]]["published"] == 0.777 and best[SRT[0]]["K"] == 64 and best[SRT[0]]["M"] == 200
+    assert best[SRT[1]]["published"] == 0.858 and best[SRT[1]]["M"] == 32
+    assert best[SRT[2]]["published"] == 0.631
+    for c in SRT:
+        assert "model card" in best[c]["published_source"]
+        assert best[c]["label"] == "best-of-64 (centered)"
+    # ρ with each card's own floor and ceiling, never the Qwen constants
+    assert best[SRT[1]]["rho_published"] == pytest.approx((0.858 - 0.498) / (0.756 - 0.498), abs=1e-3)
+    assert best[SRT[2]]["rho_published"] == pytest.approx((0.631 - 0.498) / (0.598 - 0.498), abs=1e-3)
+    assert _row(lb, SRT[0], "adapter_cen_greedy_mean")["rho_published"] == pytest.approx(0.26, abs=0.01)
+    assert _row(lb, SRT[0], "adapter_raw_greedy_mean")["rho_published"] is None
+    # K-curves and findings
+    llama = sorted((c["K"], c["score_cen"]) for c in lb["kcurves"] if c["card"] == SRT[1])
+    assert llama[0] == (1, 0.636) and llama[-1] == (32, 0.809)
+    fnd = {f["card"]: f for f in lb["findings"] if f["origin"] == "published"}
+    assert fnd[SRT[0]]["kcurve_slope_per_doubling"] == pytest.approx(0.030, abs=0.002)
+    assert fnd[SRT[0]]["logp_rerank_minus_greedy"] == pytest.approx(-0.025, abs=1e-3)
+    assert fnd[SRT[2]]["centering_changes_verdict"] is True  # raw greedy below the raw floor on Gemma-2
+    assert fnd[SRT[1]]["centering_changes_verdict"] is False
+    assert fnd[SRT[1]]["greedy_minus_nn_retrieval"] == pytest.approx(0.633 - 0.820, abs=1e-3)
+
+
+def test_load_leaderboard_reads_the_file(tmp_path):
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps({"generated": "x", "rows": [{"card": "a"}]}))
+    assert load_leaderboard(path)["rows"] == [{"card": "a"}]
+    path.write_text("{not json")
+    assert load_leaderboard(path)["rows"]  # falls back to the published numbers
+
+
+def test_kcurve_slope():
+    assert kcurve_slope({1: 0.5, 2: 0.53, 4: 0.56, 8: 0.59}) == pytest.approx(0.03)
+    assert kcurve_slope({4: 0.5}) is None
+
+
+def _fake(command, card, **values):
+    meta = {"command": command, "card": card, "backbone": "tiny", "layer": 2, "M": 10, "K": 8, "seed": 0,
+            "finished": "2026-01-01T00:00:00+00:00"}
+    return {**values, "meta": meta}
+
+
+def test_reproduced_rows_beside_published():
+    ce = _fake("centered-eval", SRT[1], adapter_cen_bestofK_mean=0.7, adapter_cen_greedy_mean=0.6,
+               adapter_raw_greedy_mean=0.55, adapter_cen_sampled_mean=0.58, random_raw_mean=0.6, random_cen_mean=0.5,
+               nn_cen_mean=0.65, kcurve_oracle_top1_cen={"1": 0.58, "2": 0.62, "4": 0.66, "8": 0.7})
+    ce["meta"]["K"] = 64
+    lb = build_leaderboard([ce])
+    row = _row(lb, SRT[1], "adapter_cen_bestofK_mean", 64)
+    assert row["published"] == 0.858 and row["reproduced"] == 0.7 and row["reproduced_meta"]["M"] == 10
+    assert row["rho_reproduced"] == pytest.approx((0.7 - 0.498) / (0.756 - 0.498), abs=1e-3)
+    rep = [f for f in lb["findings"] if f["card"] == SRT[1] and f["origin"] == "reproduced"][0]
+    assert rep["centering_changes_verdict"] is True  # raw greedy 0.55 < raw floor 0.6, centered 0.6 > 0.5
+    assert rep["kcurve_slope_per_doubling"] == pytest.approx(0.04)
+    # a different K is a different row
+    ce["meta"]["K"] = 16
+    lb = build_leaderboard([ce])
+    assert _row(lb, SRT[1], "adapter_cen_bestofK_mean", 64)["reproduced"] is None
+    assert _row(lb, SRT[1], "adapter_cen_bestofK_mean", 16)["label"] == "best-of-16 (centered)"
+
+
+def test_reproduced_anchors_for_a_card_without_published_ones():
+    oc = {"random_floor_cen_fve_mean": 0.5, "paraphrase_best_cen_fve_mean": 0.7,
+          "meta": {"command": "oracle-ceiling", "card": None, "backbone": "embedded:smollm2-135m-instruct", "layer": 21,
+                   "M": 20, "K": 8, "finished": "2026-01-01T00:00:00+00:00"}}
+    ce = _fake("centered-eval", "nla-space/smollm2-135m-L21", adapter_cen_bestofK_mean=0.65)
+    lb = build_leaderboard([oc, ce])
+    assert lb["anchors"]["nla-space/smollm2-135m-L21"]["ceiling"] == 0.7
+    row = _row(lb, "nla-space/smollm2-135m-L21", "adapter_cen_bestofK_mean", 8)
+    assert row["rho_reproduced"] == pytest.approx(0.75)
+    assert row["published"] is None and row["reproduced"] == 0.65
+
+
+def test_leaderboard_command_on_real_results(eval_env, tmp_path):
+    res = tmp_path / "results"
+    common = ["--card", eval_env["card"], "--targets", eval_env["targets"], "--M", 4, "--K", 4, "--max-new-tokens", 5]
+    assert harness([str(x) for x in ["centered-eval", *common, "--out", res / "ce.json"]]) == 0
+    assert harness([str(x) for x in ["rerank-eval", *common, "--out", res / "rr.json"]]) == 0
+    assert harness([str(x) for x in ["oracle-ceiling", "--backbone", eval_env["backbone"], "--layer", LAYER, "--targets",
+                                     eval_env["targets"], "--n-targets", 4, "--paraphrase-k", 2, "--paraphrase-max-new", 4,
+                                     "--out", res / "oc.json"]]) == 0
+    out, md, png = tmp_path / "lb.json", tmp_path / "lb.md", tmp_path / "k.png"
+    assert harness(["leaderboard", "--results", str(res), "--out", str(out), "--markdown", str(md), "--plot", str(png)]) == 0
+    lb = json.loads(out.read_text())
+    card = str(eval_env["card"])
+    row = _row(lb, card, "adapter_cen_bestofK_mean", 4)
+    assert row["reproduced"] is not None and row["reproduced_meta"]["targets_split"] == "test"
+    assert _row(lb, card, "logp_rerank_cen_mean", 4)["reproduced"] is not None
+    assert any(c["card"] == card and c["origin"] == "reproduced" for c in lb["kcurves"])
+    assert any(f["card"] == card and f["origin"] == "reproduced" and f["logp_rerank_minus_greedy"] is not None for f in lb["findings"])
+    for c in SRT:
+        assert _row(lb, c, "adapter_cen_bestofK_mean")["published"] is not None
+    text = md.read_text()
+    assert "| best-of-64 (centered) |" in text and "Findings" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert to_markdown(lb) == text
