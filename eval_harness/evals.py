@@ -203,6 +203,7 @@ class EvalRun:
     temperature: float
     max_new_tokens: int
     seed: int
+    av_weights: dict[str, Any] | None = None  #: path + SHA-256 of the AV file, read when the card was opened
 
     @property
     def backbone(self) -> Backbone:
@@ -237,7 +238,7 @@ class EvalRun:
             "mu_source": f"mean of the first {self.pool.size} rows of the targets' mu_pool split (disjoint from the test split)",
             "mu_norm": round(float(self.pool.mu.norm()), 4),
             "card_mu_norm": round(float(self.oc.mu.norm()), 4) if self.oc.mu is not None else None,
-            "av_weights": weights_digest(self.oc),
+            "av_weights": self.av_weights,
             "note": getattr(args, "note", None),
             "device": device_info(bb.device),
         }
@@ -267,13 +268,14 @@ def open_run(args: argparse.Namespace) -> EvalRun:
         raise NLAInputError(f"--temperature must be ≥ 0, got {args.temperature}")
     ts = load_target_set(args.targets)
     oc = open_card(args.card, backbone=args.backbone, device=args.device)
+    digest = weights_digest(oc)
     layer = oc.check_layer(None)
     check_targets(ts, oc.backbone, layer)
     if not oc.trained:
         log.warning("card %s has no trained AV weights: these numbers measure an identity-initialised AV", oc.card.id)
     return EvalRun(
         oc=oc, ts=ts, layer=layer, targets=eval_targets(ts, args.M, args.limit), pool=make_pool(ts, args.pool_size),
-        K=args.K, temperature=float(args.temperature), max_new_tokens=args.max_new_tokens, seed=args.seed,
+        K=args.K, temperature=float(args.temperature), max_new_tokens=args.max_new_tokens, seed=args.seed, av_weights=digest,
     )
 
 

@@ -22,7 +22,6 @@ from nla_space.errors import CheckpointError, NLAInputError
 from nla_space.hub import load_state_dict
 from nla_space.io import save_tensors
 from nla_space.runtime import open_card
-from nla_space.verbalizers import NLAConfig, build_prefix_av, load_adapter_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 D = 32
