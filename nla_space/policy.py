@@ -139,6 +139,59 @@ class _Phase:
         self.timer.times[self.name] = self.timer.times.get(self.name, 0.0) + time.perf_counter() - self.t0
 
 
+def run(
+    *,
+    card: str,
+    trained: bool,
+    layer: int,
+    k: int,
+    tau: float,
+    temperature: float,
+    greedy: bool,
+    seed: int | None,
+    notes: list[str],
+    read: Callable[[], torch.Tensor],
+    roll: Callable[[torch.Tensor], Rollout],
+    score: Callable[[Rollout, torch.Tensor], tuple[list[Candidate], int, bool]],
+    progress: Callable[[float, str], None] | None = None,
+    score_label: str = "re-encoding and scoring",
+) -> Verbalization:
+    """The one verbalize flow every card kind walks: read v, sample, score, pick, time it.
+
+    ``read()`` gives v; ``roll(v)`` the candidates; ``score(rollout, v)`` returns the scored
+    candidates, the best index and whether the scores are centered. Parameters are checked by
+    the caller (:func:`check_params`) before anything runs.
+    """
+    timer = Timer()
+    step = progress or (lambda frac, msg: None)
+    step(0.0, "reading the activation")
+    with timer.phase("extract_s"):
+        v = read()
+    step(0.1, f"sampling {1 if greedy else k} candidate(s)")
+    with timer.phase("sample_s"):
+        rollout = roll(v)
+    step(0.7, score_label)
+    with timer.phase("score_s"):
+        cands, best, centered = score(rollout, v)
+    timer.times["total_s"] = sum(timer.times.values())
+    step(1.0, "done")
+    return Verbalization(
+        card=card,
+        layer=layer,
+        k=1 if greedy else k,
+        tau=float(tau),
+        trained=trained,
+        greedy=greedy,
+        temperature=float(temperature),
+        seed=seed,
+        centered=centered,
+        candidates=cands,
+        best_index=best,
+        timings=timer.times,
+        notes=list(notes),
+    )
+
+
 def check_params(k: int, tau: float, temperature: float, max_new_tokens: int, seed: int | None = None) -> None:
     """Refuse parameters outside the stated ranges with a readable message."""
     from .errors import NLAInputError

@@ -164,38 +164,19 @@ class OpenCard:
         tau = self.card.default_tau if tau is None else tau
         policy.check_params(k, tau, temperature, max_new_tokens, seed)
         layer = self.check_layer(layer)
-        timer = policy.Timer()
-        step = progress or (lambda frac, msg: None)
-        step(0.0, "reading the activation")
-        with timer.phase("extract_s"):
-            if vector is not None:
-                v = self.check_vector(vector)
-            else:
-                v = activations.extract(self.backbone, text, layer)
-        step(0.1, f"sampling {1 if greedy else k} candidate(s)")
-        with timer.phase("sample_s"):
-            roll = self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer)
-        step(0.7, "re-encoding and scoring")
-        with timer.phase("score_s"):
+
+        def score(roll: Rollout, v: torch.Tensor) -> tuple[list[policy.Candidate], int, bool]:
             h = reencode_ids(self.backbone, layer, roll.ids, roll.mask)
             decode = lambda ids: self.backbone.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
             cands, best = policy.best_of_k(roll, decode, h, v, self.mu)
-        timer.times["total_s"] = sum(timer.times.values())
-        step(1.0, "done")
-        return policy.Verbalization(
-            card=self.card.id,
-            layer=layer,
-            k=1 if greedy else k,
-            tau=float(tau),
-            trained=self.trained,
-            greedy=greedy,
-            temperature=float(temperature),
-            seed=seed,
-            centered=self.mu is not None,
-            candidates=cands,
-            best_index=best,
-            timings=timer.times,
-            notes=list(self.notes),
+            return cands, best, self.mu is not None
+
+        return policy.run(
+            card=self.card.id, trained=self.trained, layer=layer, k=k, tau=tau, temperature=temperature,
+            greedy=greedy, seed=seed, notes=self.notes,
+            read=lambda: self.check_vector(vector) if vector is not None else self.extract(text, layer),
+            roll=lambda v: self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer),
+            score=score, progress=progress,
         )
 
 

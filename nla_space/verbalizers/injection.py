@@ -592,48 +592,32 @@ class OpenInjectionCard:
         tau = self.card.default_tau if tau is None else tau
         policy.check_params(k, tau, temperature, max_new_tokens, seed)
         layer = self.check_layer(layer)
-        timer = policy.Timer()
-        step = progress or (lambda frac, msg: None)
-        with self._lock:  # the LoRA on/off switch is model state: one request at a time
-            step(0.0, "reading the activation")
-            with timer.phase("extract_s"):
-                v = self.check_vector(vector) if vector is not None else self.extract(text, layer)
-            notes = list(self.notes)
-            if text is not None and vector is None and self.av.spec.input_min_position:
-                n_tok = len(input_ids_for_text(self.backbone.tokenizer, self.av.spec, text))
-                if n_tok - 1 < self.av.spec.input_min_position:
-                    notes.append(f"read position {n_tok - 1} < {self.av.spec.input_min_position}: the AV was trained on later positions (out of distribution)")
-            step(0.1, f"sampling {1 if greedy else k} candidate(s)")
-            with timer.phase("sample_s"):
-                roll = self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer)
-            step(0.7, "reconstructing and scoring")
-            with timer.phase("score_s"):
-                h = self.reconstructor.encode(self.candidate_texts(roll), layer)
-                target = self.reconstructor.target(v.to(h.device), layer)
-                mu = self.mus.get(layer)
-                cands, best = policy.best_of_k(roll, self.av.decode, h, target, mu)
-        timer.times["total_s"] = sum(timer.times.values())
-        step(1.0, "done")
+        notes = list(self.notes)
+        if text is not None and vector is None and self.av.spec.input_min_position:
+            n_tok = len(input_ids_for_text(self.backbone.tokenizer, self.av.spec, text))
+            if n_tok - 1 < self.av.spec.input_min_position:
+                notes.append(f"read position {n_tok - 1} < {self.av.spec.input_min_position}: the AV was trained on later positions (out of distribution)")
         pct = self.av.depth_pct(layer)
         if pct is not None:
             notes.append(f"prompt depth {pct}% (block {self.av.block(layer)} of {self.av.backbone.num_layers})")
             if self.av.spec.trained_depths and pct not in self.av.spec.trained_depths:
                 notes.append(f"depth {pct}% is not among the adapter's trained bands {self.av.spec.trained_depths}")
-        return policy.Verbalization(
-            card=self.card.id,
-            layer=layer,
-            k=1 if greedy else k,
-            tau=float(tau),
-            trained=self.trained,
-            greedy=greedy,
-            temperature=float(temperature),
-            seed=seed,
-            centered=mu is not None,
-            candidates=cands,
-            best_index=best,
-            timings=timer.times,
-            notes=notes,
-        )
+        mu = self.mus.get(layer)
+
+        def score(roll: Rollout, v: torch.Tensor) -> tuple[list[policy.Candidate], int, bool]:
+            h = self.reconstructor.encode(self.candidate_texts(roll), layer)
+            target = self.reconstructor.target(v.to(h.device), layer)
+            cands, best = policy.best_of_k(roll, self.av.decode, h, target, mu)
+            return cands, best, mu is not None
+
+        with self._lock:  # the LoRA on/off switch is model state: one request at a time
+            return policy.run(
+                card=self.card.id, trained=self.trained, layer=layer, k=k, tau=tau, temperature=temperature,
+                greedy=greedy, seed=seed, notes=notes,
+                read=lambda: self.check_vector(vector) if vector is not None else self.extract(text, layer),
+                roll=lambda v: self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer),
+                score=score, progress=progress, score_label="reconstructing and scoring",
+            )
 
 
 def _load_mu(section: dict[str, Any], folder: Path | None, layer: int, d: int) -> torch.Tensor | None:
