@@ -48,7 +48,8 @@ def build_parser(mods: dict[str, object]) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m eval_harness", description="nla-space evaluation harness")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, mod in mods.items():
-        p = sub.add_parser(name, help=getattr(mod, "HELP", ""), description=getattr(mod, "HELP", ""))
+        text = getattr(mod, "HELP", "").replace("%", "%%")  # argparse formats help strings with %
+        p = sub.add_parser(name, help=text, description=text)
         mod.add_arguments(p)
     return ap
 
