@@ -247,7 +247,9 @@ class EvalRun:
         return {
             "command": command, "card": self.oc.card.id, "backbone": self.backbone.spec, "layer": self.layer,
             "targets": str(Path(self.ts.folder).resolve()), "K": self.K, "temperature": self.temperature,
-            "max_new_tokens": self.max_new_tokens, "seed": self.seed, "pool_size": self.pool.size, **(extra or {}),
+            "max_new_tokens": self.max_new_tokens, "seed": self.seed, "pool_size": self.pool.size,
+            # a resumed run must use the very same AV weights (a file swapped mid-run is refused)
+            "av_sha256": (self.av_weights or {}).get("sha256"), **(extra or {}),
         }
 
 

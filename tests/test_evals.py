@@ -270,3 +270,28 @@ def test_nn_anchor_baseline_is_really_centered(eval_env, tmp_path):
     a = pool.vectors[nearest_in_pool(v, pool).cen_idx]
     assert res["nn_anchor_baseline_cen_mean"] == pytest.approx(float(fve_nrm_centered(a, v, pool.mu).mean()), abs=1e-6)
     assert res["nn_anchor_baseline_raw_mean"] == pytest.approx(float(fve_nrm(a, v).mean()), abs=1e-6)
+
+
+def test_resume_refuses_swapped_weights(eval_env, tmp_path, monkeypatch):
+    import shutil
+
+    from eval_harness import evals
+
+    card = tmp_path / "card"
+    shutil.copytree(eval_env["card"], card)
+    out = tmp_path / "w.json"
+    args = ["centered-eval", "--card", card, "--targets", eval_env["targets"], "--M", 2, "--K", 2, "--max-new-tokens", 3, "--out", out]
+
+    def boom(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evals, "sample_target", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _run(args)
+    monkeypatch.undo()
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(card / "av.safetensors"))
+    t["proj.weight"] = t["proj.weight"] * 1.01
+    save_file(t, str(card / "av.safetensors"))
+    assert _run(args + ["--resume"]) == 2
