@@ -378,9 +378,10 @@ def train_av(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: AVTrainCo
                                        "elapsed_s": round(time.perf_counter() - t0, 2)}
                 if step % cfg.val_every == 0 or step == total:
                     row.update(run_val(step))
+                _append_log(log_path, row)  # before the checkpoint: a kill between them only redoes steps
+                if step % cfg.val_every == 0 or step == total:
                     state.update(step=step, elapsed_s=time.perf_counter() - t0)
                     _save_ckpt(out / "checkpoint", pm, opt, state)
-                _append_log(log_path, row)
                 bar.set_postfix(loss=f"{ema:.3f}", best=f"{state['best']:.3f}" if state["best"] is not None else "-")
                 bar.update(1)
         finally:
