@@ -382,6 +382,16 @@ def _fmt(x: Any, nd: int = 3) -> str:
     return str(x)
 
 
+def _card_descriptions() -> dict[str, str]:
+    """Built-in cards' descriptions (they carry each card's caveats), by card id."""
+    from .cards import builtin_cards
+
+    try:
+        return {c.id: c.description for c in builtin_cards() if c.description}
+    except Exception:  # a broken card file must not break the rendering
+        return {}
+
+
 def to_markdown(lb: dict[str, Any]) -> str:
     """A markdown rendering: one table per card, then the K-curves and the findings."""
     out = [f"# Leaderboard\n\nGenerated {lb.get('generated')}. Scores are fve_nrm = ½(1+cos); centered = "
@@ -397,6 +407,9 @@ def to_markdown(lb: dict[str, Any]) -> str:
         if cid in anchors:
             a = anchors[cid]
             out.append(f" · ρ anchors: floor {a['floor']:.3f}, ceiling {a['ceiling']:.3f} ({a.get('ceiling_name')})")
+        description = _card_descriptions().get(cid)
+        if description:
+            out.append(f"\n\n{description}")
         out.append("\n\n| metric | K | M | published | ρ | reproduced | ρ | run |\n|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             rm = r.get("reproduced_meta") or {}
