@@ -140,6 +140,9 @@ def open_card_targets(args: argparse.Namespace, n_targets: int | None) -> CardTa
     check_positive("--pool-size", args.pool_size, 2)
     check_positive("--limit", args.limit)
     check_positive("--max-new-tokens", args.max_new_tokens)
+    from nla_space.io import check_writable
+
+    check_writable(Path(args.out).parent, "results JSON")  # before any work: a full or read-only disk fails now
     ts = load_target_set(args.targets)
     oc = open_card(args.card, backbone=args.backbone, device=args.device)
     layers = [oc.check_layer(L) for L in (args.layer or [None])]

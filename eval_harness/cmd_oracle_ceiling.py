@@ -139,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
     evals.check_positive("--paraphrase-k", args.paraphrase_k, 0)
     evals.check_positive("--limit", args.limit)
     evals.set_threads(args.threads)
+    from nla_space.io import check_writable
+
+    check_writable(Path(args.out).parent, "results JSON")  # before any work: a full or read-only disk fails now
     spec, layer, revision, card_id = args.backbone, args.layer, None, None
     if args.card:
         card = find_card(args.card)

@@ -17,3 +17,14 @@ def test_help_renders(argv, capsys):
         main(argv)
     assert exc.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["oracle-ceiling", "policy-eval", "roundtrip"])
+def test_unwritable_output_is_refused_before_any_work(command, tmp_path, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    argv = [command, "--targets", str(tmp_path / "missing-targets"), "--out", str(blocker / "result.json")]
+    argv += ["--backbone", str(tmp_path / "missing-backbone"), "--layer", "1"] if command == "oracle-ceiling" else ["--card", "embedded"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the results JSON") and "missing-targets" not in err
