@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import tiny
-from eval_harness.cli import main as harness
 
 LAYER = 2
 N_ROWS = 40
@@ -58,17 +57,8 @@ def eval_env(tmp_path_factory):
     return {"root": root, "backbone": bdir, "card": card, "targets": targets}
 
 
-def _run(args: list[str]) -> int:
-    return harness([str(a) for a in args])
-
-
-def _strip(res: dict) -> dict:
-    res = dict(res)
-    meta = dict(res.pop("meta"))
-    for k in ("started", "finished", "wall_time_s", "args", "path", "git_commit"):
-        meta.pop(k, None)
-    res["meta"] = meta
-    return res
+_run = tiny.run_harness
+_strip = tiny.strip_run_meta
 
 
 def _centered(env, out: Path, *extra) -> list:

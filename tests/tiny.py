@@ -161,3 +161,22 @@ def make_marker_model(arch: str = "phi3", layers: int = 4, hidden: int = 32, see
     model.generation_config.pad_token_id = cfg.pad_token_id
     model.generation_config.bos_token_id = cfg.bos_token_id
     return model.eval(), tok
+
+
+#: meta keys that differ between two otherwise identical runs (times, paths, argv, commit)
+VOLATILE_META = ("started", "finished", "wall_time_s", "args", "path", "git_commit")
+
+
+def run_harness(args: list) -> int:
+    """``python -m eval_harness`` in-process, with every argument turned into a string."""
+    from eval_harness.cli import main
+
+    return main([str(a) for a in args])
+
+
+def strip_run_meta(res: dict) -> dict:
+    """A results dict without its run-specific meta keys, for comparing two runs."""
+    res = dict(res)
+    meta = {k: v for k, v in res.pop("meta").items() if k not in VOLATILE_META}
+    res["meta"] = meta
+    return res
