@@ -63,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     mods = _available()
     args = build_parser(mods).parse_args(argv)
     try:
+        if hasattr(args, "threads"):  # every command with --threads: validated and applied here, once
+            from .evals import set_threads
+
+            set_threads(args.threads)
         return int(mods[args.command].run(args) or 0)
     except NLAInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

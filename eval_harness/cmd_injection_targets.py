@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
 from nla_space.runtime import shared_backbone
 
@@ -34,8 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     fractions = {k: float(v) for k, v in (kv.split("=") for kv in args.fractions.split(","))}
     spec = InjectionTargetsSpec(backbone=args.backbone, texts_file=str(args.texts), bands=[int(b) for b in args.bands.split(",")],
                                 max_new_tokens=args.max_new_tokens, min_chars=args.min_chars, max_texts=args.max_texts,

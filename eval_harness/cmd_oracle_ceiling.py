@@ -138,7 +138,6 @@ def run(args: argparse.Namespace) -> int:
         evals.check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     evals.check_positive("--paraphrase-k", args.paraphrase_k, 0)
     evals.check_positive("--limit", args.limit)
-    evals.set_threads(args.threads)
     from nla_space.io import check_writable
 
     check_writable(Path(args.out).parent, "results JSON")  # before any work: a full or read-only disk fails now

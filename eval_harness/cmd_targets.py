@@ -40,8 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_writable(args.out, "targets folder")  # before any work: a full or read-only disk fails now
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     backbone = shared_backbone(args.backbone, device=args.device)
     spec = TargetsSpec(

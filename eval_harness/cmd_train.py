@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
 from nla_space.io import check_writable
 from nla_space.runtime import shared_backbone
@@ -44,8 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_writable(args.out, "training run")  # before any work: a full or read-only disk fails now
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ts = load_target_set(args.targets)
     backbone = shared_backbone(args.backbone or ts.meta["backbone"], device=args.device)
     cfg = TrainConfig(

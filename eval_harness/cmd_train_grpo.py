@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
 from nla_space.backbone import load_backbone
 
@@ -45,8 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ts = load_injection_targets(args.targets)
     cfg = GRPOConfig(steps=args.steps, batch=args.batch, group_size=args.group_size, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, lr=args.lr, kl_coef=args.kl_coef, ref=args.ref, scorer=args.scorer,

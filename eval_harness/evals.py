@@ -265,7 +265,6 @@ def open_run(args: argparse.Namespace) -> EvalRun:
     check_positive("--pool-size", args.pool_size, 2)
     check_positive("--limit", args.limit)
     check_positive("--max-new-tokens", args.max_new_tokens)
-    set_threads(args.threads)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise NLAInputError(f"--temperature must be ≥ 0, got {args.temperature}")
     ts = load_target_set(args.targets)
