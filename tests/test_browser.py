@@ -61,6 +61,10 @@ def test_verbalize_leaderboard_and_present_mode(app_url: str, page, artifacts_di
     k = page.locator("#k input[type=number]")
     k.fill("4")
     k.press("Enter")
+    k.press("Tab")  # blur: Gradio commits a slider's number box on change/blur
+    # The run must not start before the slider holds the new K (this raced once in CI and ran K=8).
+    expect(page.locator("#k input[type=range]")).to_have_value("4", timeout=10_000)
+    page.wait_for_timeout(300)
     page.locator("#run").click()
 
     badge = page.locator("#badge .nla-badge").first
