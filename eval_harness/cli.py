@@ -51,6 +51,8 @@ def build_parser(mods: dict[str, object]) -> argparse.ArgumentParser:
         text = getattr(mod, "HELP", "").replace("%", "%%")  # argparse formats help strings with %
         p = sub.add_parser(name, help=text, description=text)
         mod.add_arguments(p)
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (1 avoids oversubscription on a shared CPU; default: torch's choice)")
     return ap
 
 
@@ -63,10 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mods = _available()
     args = build_parser(mods).parse_args(argv)
     try:
-        if hasattr(args, "threads"):  # every command with --threads: validated and applied here, once
-            from .evals import set_threads
+        from .evals import set_threads
 
-            set_threads(args.threads)
+        set_threads(args.threads)  # every command takes --threads: validated and applied here, once
         return int(mods[args.command].run(args) or 0)
     except NLAInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -29,7 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="split fractions by text, e.g. av_sft=0.3,ar_sft=0.3,rl=0.3,heldout=0.1")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -67,7 +67,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--log-samples", type=Path, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--note", default=None, help="free text recorded as meta.note")
 
 

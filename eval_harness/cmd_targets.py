@@ -30,7 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-mu-pool", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     h = HealthThresholds()
     p.add_argument("--min-dim-std", type=float, default=h.min_dim_std)
     p.add_argument("--min-norm-std", type=float, default=h.min_norm_std)

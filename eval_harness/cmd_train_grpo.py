@@ -40,7 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -115,7 +115,6 @@ def add_common_arguments(p: argparse.ArgumentParser, card: bool = True) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.partial.jsonl")
     p.add_argument("--log-samples", type=Path, default=None, help="per-target samples as JSON Lines")
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids oversubscription on a shared CPU)")
     p.add_argument("--note", default=None, help="free text recorded as meta.note (e.g. where the AV was trained)")
 
 

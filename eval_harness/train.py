@@ -11,9 +11,8 @@ Objective
 
 Optimisation
     AdamW (weight decay 0), gradient clipping 1.0, constant LR (or cosine down to 10 %) after an
-    optional linear warmup.
-    Step ``s`` takes batch ``s mod steps_per_epoch`` of epoch ``s // steps_per_epoch``, whose order
-    is a permutation seeded with ``seed + epoch``; so a resumed run sees the same batches.
+    optional linear warmup. Batch order (a permutation seeded ``seed + epoch`` per epoch), log
+    rows, checkpoints and stops follow the conventions of :mod:`eval_harness.loop`.
 
 Validation (checkpoint selection)
     ``val_bestof{K}_cen``: for each of the first ``val_vectors`` rows of the ``val`` split, K
@@ -23,14 +22,17 @@ Validation (checkpoint selection)
     the mean over targets of the best of the K centered scores. Also logged: the raw fve_nrm of
     that best candidate and the mean centered score of all samples. Names say "fve_nrm"/"cen";
     nothing here is the reference logs' "fve" (= raw cosine).
+    ``val_ce_gain`` (:func:`ce_gain`): teacher-forced CE after a *shifted* v minus CE after the
+    row's own v — the direct test that the AV reads v (a falling loss alone can come from the
+    prefix learning the text distribution).
 
 Output folder
     ``log.jsonl`` (one row per logged step: step, epoch, loss, lr, elapsed_s, and val metrics on
     validation steps), ``best/`` (``config.json`` + ``av.safetensors`` via ``PrefixAV.save``, plus
     ``mu.safetensors`` and ``best.json``), ``checkpoint/`` (``adapter.safetensors``,
     ``optimizer.pt`` — a tensors-and-numbers dict read back with ``weights_only=True`` —
-    and ``state.json`` written last), ``train_config.json``. SIGTERM/SIGINT save a checkpoint at
-    the next step boundary and stop; ``--resume`` continues from it.
+    and ``state.json`` written last), ``train_config.json``, ``result.json``. SIGTERM/SIGINT save a
+    checkpoint at the next step boundary and stop; ``--resume`` continues from it (:mod:`eval_harness.loop`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,18 +49,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from nla_space.backbone import Backbone
 from nla_space.errors import NLAInputError
 from nla_space.hub import load_state_dict
-from nla_space.io import atomic_write, atomic_write_json, atomic_write_text, save_tensors
+from nla_space.io import atomic_write, atomic_write_json, save_tensors
 from nla_space.reencode import reencode_ids
 from nla_space.rollout import sample
 from nla_space.scoring import fve_nrm, fve_nrm_centered
 from nla_space.verbalizers import NLAConfig, PrefixAV, build_prefix_av
 
 from .dataset import TargetSet
+from .loop import StopFlag as _StopFlag  # noqa: F401  (the name this module's SIGTERM handling had)
+from .loop import LoopSettings, SupervisedStep, append_log, claim_out, epoch_schedule, run_steps, start_clock, trim_log
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,18 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     epochs: float = 3.0
     lr: float = 3e-5
+    #: the projection(s) of v (``proj``, ``proj_extra``) train at ``lr × lr_proj_scale``: Adam moves every
+    #: entry of the d×d identity-initialised matrix by ≈ lr per step, so at lr 1e-3 noise outgrows the
+    #: identity within a few hundred steps (measured: ‖W − I‖₂ = 3.2 after 301 steps)
+    lr_proj_scale: float = 1.0
+    #: everything else (the static prefix or prefix MLP, layer embeddings) trains at ``lr × lr_prefix_scale``;
+    #: 0 freezes it, so every step must go through v (the centered, normalised v has no constant part for
+    #: ``proj`` to turn into a generic prefix). Measured on SmolLM2: a prefix learning at 1e-3 or 3e-4 drives
+    #: ``val_ce_gain`` from 0.10 at init to ≈ 0 within 50–100 steps (docs/training.md)
+    lr_prefix_scale: float = 1.0
     batch_size: int = 16
     num_prefix_tokens: int = 1
-    inject_norm: str = "none"  #: "embed": scale v to the mean embedding-row norm before ``proj``
+    inject_norm: str = "none"  #: see :data:`nla_space.verbalizers.config.INJECT_NORMS`
     max_steps: int | None = None
     warmup_steps: int = 0
     schedule: str = "constant"  #: "constant" or "cosine" (to 10 % of lr at the last step)
@@ -81,6 +92,7 @@ class TrainConfig:
     val_k: int = 8
     val_max_new_tokens: int | None = None  #: default: the target set's seq_len
     val_batch_rows: int = 128
+    ce_val_rows: int = 128  #: val rows for ``val_ce_gain`` (teacher forcing only: cheap, so more rows than the rollouts)
     seed: int = 0
 
 
@@ -119,6 +131,24 @@ def sft_loss(av: PrefixAV, backbone: Backbone, v: torch.Tensor, gold: torch.Tens
 
 
 # ------------------------------------------------------------------------------------- validation
+
+
+@torch.inference_mode()
+def ce_gain(av: PrefixAV, backbone: Backbone, vectors: torch.Tensor, gold: list[list[int]], max_len: int, batch: int = 16) -> dict[str, float]:
+    """Does the AV read v? Teacher-forced CE of each row's gold text after its own v, and after the
+    next row's v (a cyclic shift, so every text is paired with another target); ``val_ce_gain`` =
+    shifted − own, in nats per token. An AV that ignores v scores ≈ 0 however low its CE."""
+    if vectors.shape[0] < 2:
+        raise ValueError("ce_gain needs at least two rows")
+    shifted = torch.roll(vectors, -1, dims=0)
+    own, other, n = 0.0, 0.0, 0
+    for i in range(0, vectors.shape[0], batch):
+        ids, mask = pad_gold(gold[i : i + batch], backbone.pad_id, max_len)
+        w = float(mask.sum())
+        own += float(sft_loss(av, backbone, vectors[i : i + batch], ids, mask)) * w
+        other += float(sft_loss(av, backbone, shifted[i : i + batch], ids, mask)) * w
+        n += w
+    return {"val_ce": own / n, "val_ce_shifted": other / n, "val_ce_gain": (other - own) / n}
 
 
 @torch.inference_mode()
@@ -216,30 +246,6 @@ def load_checkpoint(folder: Path, av: PrefixAV, opt: torch.optim.Optimizer) -> d
     return json.loads((folder / "state.json").read_text(encoding="utf-8"))
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checkpoints and stops at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        log.warning("signal %d: saving a checkpoint and stopping", signum)
-        self.stop = True
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 # ------------------------------------------------------------------------------------------ train
 
 
@@ -253,25 +259,6 @@ def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     return cfg.lr
 
 
-def _append_log(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _trim_log(path: Path, max_step: int) -> None:
-    """Drop log rows after the checkpoint being resumed (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = []
-    for ln in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if ln.strip() and json.loads(ln)["step"] <= max_step:
-                keep.append(ln)
-        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut by a kill mid-write
-            continue
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-
-
 def train(backbone: Backbone, targets: TargetSet, out: Path, cfg: TrainConfig, layer: int | None = None, resume: bool = False) -> dict[str, Any]:
     """Train (or resume) an AV on ``targets``; returns the final state (best metric, steps, times)."""
     out = Path(out)
@@ -281,6 +268,9 @@ def train(backbone: Backbone, targets: TargetSet, out: Path, cfg: TrainConfig, l
     train_idx, val_idx = targets.indices("train"), targets.indices("val")[: cfg.val_vectors]
     if not train_idx:
         raise NLAInputError(f"{targets.folder}: the train split is empty")
+    for name in ("lr_proj_scale", "lr_prefix_scale"):
+        if not getattr(cfg, name) >= 0:
+            raise NLAInputError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(cfg, name)}")
     if cfg.schedule not in ("constant", "cosine"):
         raise NLAInputError(f"unknown LR schedule {cfg.schedule!r}")
     if not val_idx:
@@ -300,11 +290,13 @@ def train(backbone: Backbone, targets: TargetSet, out: Path, cfg: TrainConfig, l
         num_prefix_tokens=cfg.num_prefix_tokens,
         inject_norm=cfg.inject_norm,
     )
-    av = build_prefix_av(ncfg, backbone)
+    av = build_prefix_av(ncfg, backbone, mu=mu if cfg.inject_norm == "center_embed" else None)
     av.train()
-    opt = torch.optim.AdamW(av.parameters(), lr=cfg.lr, weight_decay=0.0)
-    spe = math.ceil(len(train_idx) / cfg.batch_size)
-    total = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * spe)))
+    proj = [p for n, p in av.named_parameters() if n.startswith(("proj.", "proj_extra."))]
+    rest = [p for n, p in av.named_parameters() if not n.startswith(("proj.", "proj_extra."))]
+    groups = [{"params": proj, "lr_scale": cfg.lr_proj_scale}] + ([{"params": rest, "lr_scale": cfg.lr_prefix_scale}] if rest else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    spe, total = epoch_schedule(len(train_idx), cfg.batch_size, cfg.epochs, cfg.max_steps)
     vkey = f"val_bestof{cfg.val_k}_cen"
     log_path = out / "log.jsonl"
 
@@ -312,22 +304,26 @@ def train(backbone: Backbone, targets: TargetSet, out: Path, cfg: TrainConfig, l
     if resume:
         state = load_checkpoint(out / "checkpoint", av, opt)
         _recover_swapped(out / "best", "best.json")
-        _trim_log(log_path, state["step"])
+        trim_log(log_path, state["step"])
         log.info("resumed at step %d (best %s at %s)", state["step"], state["best"], state["best_step"])
     else:
-        if log_path.exists() or (out / "checkpoint").exists():
-            raise NLAInputError(f"{out} already holds a run (use --resume or another --out)")
-        out.mkdir(parents=True, exist_ok=True)
+        claim_out(out, resume=False)
     atomic_write_json(out / "train_config.json", {
         "targets": str(targets.folder), "backbone": backbone.spec, "layer": layer, **asdict(cfg),
         "steps_per_epoch": spe, "total_steps": total, "n_train": len(train_idx), "n_val_used": len(val_idx),
         "val_metric": vkey, "nla_config": ncfg.to_dict(),
     })
     val_v = targets.vectors[val_idx]
+    ce_idx = targets.indices("val")[: max(2, cfg.ce_val_rows)]
+    ce_v, ce_gold = targets.vectors[ce_idx], [targets.token_ids[i] for i in ce_idx]
 
     def run_val(step: int) -> dict[str, float]:
         t = time.perf_counter()
         res = validate(av, backbone, layer, val_v, mu, cfg.val_k, val_tokens, cfg.seed, cfg.val_batch_rows)
+        was_training = av.training
+        av.eval()
+        res.update({k: round(x, 5) for k, x in ce_gain(av, backbone, ce_v, ce_gold, cfg.max_gold_len).items()})
+        av.train(was_training)
         res["val_s"] = round(time.perf_counter() - t, 2)
         if state["best"] is None or res[vkey] > state["best"]:
             state["best"], state["best_step"] = res[vkey], step
@@ -340,48 +336,16 @@ def train(backbone: Backbone, targets: TargetSet, out: Path, cfg: TrainConfig, l
             log.info("step %d: new best %s = %.4f", step, vkey, res[vkey])
         return res
 
-    start = state["step"]
-    t0 = time.perf_counter() - float(state.get("elapsed_s", 0.0))
-    if start == 0 and not resume:
+    t0 = start_clock(state)
+    if state["step"] == 0 and not resume:
         res = run_val(0)
-        _append_log(log_path, {"step": 0, "epoch": 0.0, "loss": None, "lr": 0.0, "elapsed_s": round(time.perf_counter() - t0, 2), **res})
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    ema: float | None = None
-    step = start
-    with _StopFlag() as flag:
-        try:
-            while step < total and not flag.stop:
-                epoch, pos = divmod(step, spe)
-                perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-                rows = [train_idx[j] for j in perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]]
-                gold, gmask = pad_gold([targets.token_ids[r] for r in rows], backbone.pad_id, cfg.max_gold_len)
-                lr = _lr_at(cfg, step, total)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                loss = sft_loss(av, backbone, targets.vectors[rows], gold, gmask)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(av.parameters(), cfg.grad_clip)
-                opt.step()
-                step += 1
-                lv = float(loss.detach())
-                ema = lv if ema is None else 0.9 * ema + 0.1 * lv
-                row: dict[str, Any] = {"step": step, "epoch": round(step / spe, 4), "loss": round(lv, 5), "lr": lr,
-                                       "elapsed_s": round(time.perf_counter() - t0, 2)}
-                if step % cfg.val_every == 0 or step == total:
-                    row.update(run_val(step))
-                _append_log(log_path, row)  # before the checkpoint: a kill between them only redoes steps
-                if step % cfg.val_every == 0 or step == total:
-                    state.update(step=step, elapsed_s=time.perf_counter() - t0)
-                    save_checkpoint(out / "checkpoint", av, opt, state)
-                bar.set_postfix(loss=f"{ema:.3f}", best=f"{state['best']:.4f}" if state["best"] is not None else "-")
-                bar.update(1)
-        finally:
-            bar.close()
-            state.update(step=step, elapsed_s=time.perf_counter() - t0)
-            save_checkpoint(out / "checkpoint", av, opt, state)
-    state["stopped_early"] = step < total
-    state["total_steps"] = total
-    atomic_write_json(out / "result.json", state)
-    return state
+        append_log(log_path, {"step": 0, "epoch": 0.0, "loss": None, "lr": 0.0, "elapsed_s": round(time.perf_counter() - t0, 2), **res})
+
+    def loss_fn(rows: list[int]) -> torch.Tensor:
+        gold, gmask = pad_gold([targets.token_ids[r] for r in rows], backbone.pad_id, cfg.max_gold_len)
+        return sft_loss(av, backbone, targets.vectors[rows], gold, gmask)
+
+    sgd = SupervisedStep(train_idx, cfg.batch_size, cfg.seed, opt, av.parameters(), cfg.grad_clip, loss_fn, lambda s: _lr_at(cfg, s, total))
+    return run_steps(LoopSettings(out, total, cfg.val_every, "train"), state, t0, sgd, run_val,
+                     lambda: save_checkpoint(out / "checkpoint", av, opt, state), sgd.postfix(state, best_fmt=".4f"))
 

@@ -20,32 +20,30 @@ Output
     ``best/``: ``adapter_config.json`` + ``adapter_model.safetensors``, ``value_heads.safetensors``
     (keys = block index ``str(K)``, the layout :func:`nla_space.reconstructors.open_reconstructor`
     reads for ``lora_heads``), ``mu_L{ℓ}.safetensors`` (``{"mu"}``, for a card's ``mu_file``),
-    ``nla_meta.yaml`` (role ar), ``best.json``; ``checkpoint/`` and ``log.jsonl`` as the AV trainer.
+    ``nla_meta.yaml`` (role ar), ``best.json``; ``checkpoint/`` as the AV trainer's plus
+    ``heads.safetensors``; ``log.jsonl`` and stops as :mod:`eval_harness.loop` describes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from nla_space.backbone import Backbone
 from nla_space.errors import NLAInputError
 from nla_space.hub import load_state_dict
-from nla_space.io import atomic_write, atomic_write_json, save_tensors
+from nla_space.io import atomic_write_json, save_tensors
 from nla_space.reconstructors import AR_TEMPLATE, ARSpec, Reconstructor, identity_head, nrm_mse
 from nla_space.scoring import cosine
 
 from .injection_targets import InjectionTargets
-from .train import _append_log, _StopFlag, _trim_log
-from .train_av_lora import add_lora, load_lora_state, lora_state, write_sidecar
+from .loop import LoopSettings, SupervisedStep, append_log, claim_out, epoch_schedule, run_steps, start_clock, trim_log
+from .train_av_lora import add_lora, load_lora_checkpoint, save_lora_checkpoint, write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +147,7 @@ def train_ar(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: ARTrainCo
     out = Path(out)
     if ts.meta.get("d_model") != backbone.hidden_size:
         raise NLAInputError(f"the target set has d={ts.meta.get('d_model')}, the backbone d={backbone.hidden_size}")
-    log_path = out / "log.jsonl"
-    if not resume and (log_path.exists() or (out / "checkpoint").exists()):
-        raise NLAInputError(f"{out} already holds a run (use --resume or another --out)")
-    out.mkdir(parents=True, exist_ok=True)
+    log_path = claim_out(out, resume)
     train_rows = ts.examples("ar_sft")
     eval_txt = ts.indices("heldout")[: cfg.eval_texts]
     if not train_rows or len(eval_txt) < 2:
@@ -162,31 +157,21 @@ def train_ar(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: ARTrainCo
     lora_params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr}, {"params": list(model.heads.parameters()), "lr": cfg.head_lr}],
                             weight_decay=0.0)
-    spe = math.ceil(len(train_rows) / cfg.batch_size)
-    total = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * spe)))
+    spe, total = epoch_schedule(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps)
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "elapsed_s": 0.0}
     if resume:
-        ck = out / "checkpoint"
-        if not (ck / "state.json").is_file():
-            raise NLAInputError(f"--resume: no checkpoint in {ck}")
-        load_lora_state(pm, load_state_dict(ck / "adapter.safetensors"))
+        state = load_lora_checkpoint(out / "checkpoint", pm, opt)
         with torch.no_grad():
-            for k, w in load_state_dict(ck / "heads.safetensors").items():
+            for k, w in load_state_dict(out / "checkpoint" / "heads.safetensors").items():
                 model.heads[k].copy_(w)
-        opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=True))
-        state = json.loads((ck / "state.json").read_text(encoding="utf-8"))
-        _trim_log(log_path, state["step"])
+        trim_log(log_path, state["step"])
     atomic_write_json(out / "train_config.json", {"targets": str(ts.folder), "backbone": backbone.spec, **asdict(cfg), "layers": ts.layers,
                                                  "steps_per_epoch": spe, "total_steps": total, "n_train_rows": len(train_rows),
                                                  "n_eval_texts": len(eval_txt)})
 
     def save_ckpt() -> None:
-        ck = out / "checkpoint"
-        ck.mkdir(parents=True, exist_ok=True)
-        save_tensors(ck / "adapter.safetensors", lora_state(pm))
-        save_tensors(ck / "heads.safetensors", {k: w.detach() for k, w in model.heads.items()})
-        atomic_write(ck / "optimizer.pt", lambda tmp: torch.save(opt.state_dict(), tmp))
-        atomic_write_json(ck / "state.json", state)
+        heads = {k: w.detach() for k, w in model.heads.items()}
+        save_lora_checkpoint(out / "checkpoint", pm, opt, state, {"heads.safetensors": heads})
 
     def run_eval(step: int) -> dict[str, float]:
         t = time.perf_counter()
@@ -199,44 +184,16 @@ def train_ar(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: ARTrainCo
             save_ar_folder(out / "best", model, ts, {"best.json": {"step": step, **res, "targets": str(ts.folder)}})
         return res
 
-    t0 = time.perf_counter() - float(state.get("elapsed_s", 0.0))
-    step = int(state["step"])
-    if step == 0:
-        _append_log(log_path, {"step": 0, "epoch": 0.0, "loss": None, "elapsed_s": 0.0, **run_eval(0)})
+    t0 = start_clock(state)
+    if state["step"] == 0:
+        append_log(log_path, {"step": 0, "epoch": 0.0, "loss": None, "elapsed_s": 0.0, **run_eval(0)})
     pm.train()
-    bar = tqdm(total=total, initial=step, desc="train-ar", unit="step", dynamic_ncols=True)
-    ema: float | None = None
-    params = lora_params + list(model.heads.parameters())
-    with _StopFlag() as flag:
-        try:
-            while step < total and not flag.stop:
-                epoch, pos = divmod(step, spe)
-                perm = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-                batch = [train_rows[j] for j in perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]]
-                pred = model.predict([ts.descriptions[i] for i, _ in batch], [ell for _, ell in batch])
-                gold = torch.stack([ts.vectors[ell][i] for i, ell in batch]).to(pred.device)
-                loss = nrm_mse(pred, gold).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                step += 1
-                lv = float(loss.detach())
-                ema = lv if ema is None else 0.9 * ema + 0.1 * lv
-                row: dict[str, Any] = {"step": step, "epoch": round(step / spe, 4), "loss": round(lv, 5),
-                                       "elapsed_s": round(time.perf_counter() - t0, 2)}
-                if step % cfg.eval_every == 0 or step == total:
-                    row.update(run_eval(step))
-                    state.update(step=step, elapsed_s=time.perf_counter() - t0)
-                    save_ckpt()
-                _append_log(log_path, row)
-                bar.set_postfix(loss=f"{ema:.4f}", best=f"{state['best']:.3f}" if state["best"] is not None else "-")
-                bar.update(1)
-        finally:
-            bar.close()
-            state.update(step=step, elapsed_s=time.perf_counter() - t0)
-            save_ckpt()
-    state["stopped_early"] = step < total
-    state["total_steps"] = total
-    atomic_write_json(out / "result.json", state)
-    return state
+
+    def loss_fn(batch: list[tuple[int, int]]) -> torch.Tensor:
+        pred = model.predict([ts.descriptions[i] for i, _ in batch], [ell for _, ell in batch])
+        gold = torch.stack([ts.vectors[ell][i] for i, ell in batch]).to(pred.device)
+        return nrm_mse(pred, gold).mean()
+
+    sgd = SupervisedStep(train_rows, cfg.batch_size, cfg.seed, opt, lora_params + list(model.heads.parameters()), cfg.grad_clip, loss_fn)
+    return run_steps(LoopSettings(out, total, cfg.eval_every, "train-ar"), state, t0, sgd, run_eval, save_ckpt,
+                     sgd.postfix(state, loss_fmt=".4f"))

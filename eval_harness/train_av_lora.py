@@ -24,16 +24,14 @@ Output folder
     ``best/`` (PEFT ``adapter_config.json`` + ``adapter_model.safetensors``, ``nla_meta.yaml``,
     ``val_text_ids.json``, ``best.json``), ``checkpoint/`` (``adapter.safetensors``,
     ``optimizer.pt`` read back with ``weights_only=True``, ``state.json`` written last),
-    ``log.jsonl``, ``train_config.json``, ``result.json``. Batch order: step ``s`` takes batch
-    ``s mod steps_per_epoch`` of a permutation seeded ``seed + epoch``, so ``--resume`` continues
-    exactly. SIGTERM/SIGINT checkpoint at the next step boundary.
+    ``log.jsonl``, ``train_config.json``, ``result.json``. Batch order, log rows, checkpoints,
+    SIGTERM/SIGINT and ``--resume`` follow the conventions of :mod:`eval_harness.loop`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +40,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
 
 from nla_space.backbone import Backbone
 from nla_space.cards import Card
@@ -54,7 +51,7 @@ from nla_space.sidecar import SIDECAR_NAME, Sidecar
 from nla_space.verbalizers.injection import InjectionAV, encode, prompt_ids, resolve_spec
 
 from .injection_targets import TEMPLATE_CARD, InjectionTargets, template_section
-from .train import _append_log, _StopFlag, _trim_log
+from .loop import LoopSettings, SupervisedStep, append_log, claim_out, epoch_schedule, run_steps, start_clock, trim_log
 
 log = logging.getLogger(__name__)
 
@@ -268,14 +265,20 @@ def split_val(ts: InjectionTargets, frac: float, seed: int) -> tuple[list[int], 
     return sorted(idx[j] for j in order[n_val:]), val
 
 
-def _save_ckpt(folder: Path, pm: Any, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def save_lora_checkpoint(folder: Path, pm: Any, opt: torch.optim.Optimizer, state: dict[str, Any],
+                         extra: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """``adapter.safetensors``, the ``extra`` tensor files (name → tensors), ``optimizer.pt`` and
+    ``state.json`` (last) in ``folder`` (the LoRA trainers' ``checkpoint/``)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(folder / "adapter.safetensors", lora_state(pm))
+    for name, tensors in (extra or {}).items():
+        save_tensors(folder / name, tensors)
     atomic_write(folder / "optimizer.pt", lambda tmp: torch.save(opt.state_dict(), tmp))
     atomic_write_json(folder / "state.json", state)
 
 
-def _load_ckpt(folder: Path, pm: Any, opt: torch.optim.Optimizer) -> dict[str, Any]:
+def load_lora_checkpoint(folder: Path, pm: Any, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The adapter and optimizer of :func:`save_lora_checkpoint` loaded in place; returns the state."""
     if not (folder / "state.json").is_file():
         raise NLAInputError(f"--resume: no checkpoint in {folder}")
     load_lora_state(pm, load_state_dict(folder / "adapter.safetensors"))
@@ -300,10 +303,7 @@ def train_av(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: AVTrainCo
     if ts.meta.get("d_model") != backbone.hidden_size or ts.meta.get("n_blocks") != backbone.num_layers:
         raise NLAInputError(f"the target set was built on d={ts.meta.get('d_model')}, {ts.meta.get('n_blocks')} blocks; "
                             f"this backbone has d={backbone.hidden_size}, {backbone.num_layers} blocks")
-    log_path = out / "log.jsonl"
-    if not resume and (log_path.exists() or (out / "checkpoint").exists()):
-        raise NLAInputError(f"{out} already holds a run (use --resume or another --out)")
-    out.mkdir(parents=True, exist_ok=True)
+    log_path = claim_out(out, resume)
     train_txt, val_txt = split_val(ts, cfg.val_frac, cfg.seed)
     scale = float(cfg.injection_scale or ts.meta["suggested_injection_scale"])
     marker = choose_marker(backbone.tokenizer, cfg.marker)
@@ -323,12 +323,11 @@ def train_av(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: AVTrainCo
     train_rows = [(i, ell) for i in train_txt for ell in ts.layers]
     val_rows = [(i, ell) for i in val_txt for ell in ts.layers][: cfg.val_rows]
     targets = {i: target_ids(av, ts.descriptions[i], cfg.max_target_len) for i in train_txt + val_txt}
-    spe = math.ceil(len(train_rows) / cfg.batch_size)
-    total = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * spe)))
+    spe, total = epoch_schedule(len(train_rows), cfg.batch_size, cfg.epochs, cfg.max_steps)
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "elapsed_s": 0.0}
     if resume:
-        state = _load_ckpt(out / "checkpoint", pm, opt)
-        _trim_log(log_path, state["step"])
+        state = load_lora_checkpoint(out / "checkpoint", pm, opt)
+        trim_log(log_path, state["step"])
         log.info("resumed at step %d", state["step"])
     atomic_write_json(out / "train_config.json", {"targets": str(ts.folder), "backbone": backbone.spec, **asdict(cfg),
                                                  "injection_scale": scale, "marker": marker, "layers": ts.layers, "prompt_pcts": pcts,
@@ -349,46 +348,18 @@ def train_av(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: AVTrainCo
                                                   "best.json": {"step": step, **res, "targets": str(ts.folder)}})
         return res
 
-    t0 = time.perf_counter() - float(state.get("elapsed_s", 0.0))
-    step = int(state["step"])
-    if step == 0:
-        _append_log(log_path, {"step": 0, "epoch": 0.0, "loss": None, "lr": 0.0, "elapsed_s": 0.0, **run_val(0)})
+    t0 = start_clock(state)
+    if state["step"] == 0:
+        append_log(log_path, {"step": 0, "epoch": 0.0, "loss": None, "lr": 0.0, "elapsed_s": 0.0, **run_val(0)})
     pm.train()
-    bar = tqdm(total=total, initial=step, desc="train-av-lora", unit="step", dynamic_ncols=True)
-    ema: float | None = None
-    with _StopFlag() as flag:
-        try:
-            while step < total and not flag.stop:
-                epoch, pos = divmod(step, spe)
-                perm = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-                batch = [train_rows[j] for j in perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]]
-                lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                v = torch.stack([ts.vectors[ell][i] for i, ell in batch])
-                loss = sft_loss(av, v, [ell for _, ell in batch], [targets[i] for i, _ in batch])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                step += 1
-                lv = float(loss.detach())
-                ema = lv if ema is None else 0.9 * ema + 0.1 * lv
-                row: dict[str, Any] = {"step": step, "epoch": round(step / spe, 4), "loss": round(lv, 5), "lr": lr,
-                                       "elapsed_s": round(time.perf_counter() - t0, 2)}
-                if step % cfg.val_every == 0 or step == total:
-                    row.update(run_val(step))
-                _append_log(log_path, row)  # before the checkpoint: a kill between them only redoes steps
-                if step % cfg.val_every == 0 or step == total:
-                    state.update(step=step, elapsed_s=time.perf_counter() - t0)
-                    _save_ckpt(out / "checkpoint", pm, opt, state)
-                bar.set_postfix(loss=f"{ema:.3f}", best=f"{state['best']:.3f}" if state["best"] is not None else "-")
-                bar.update(1)
-        finally:
-            bar.close()
-            state.update(step=step, elapsed_s=time.perf_counter() - t0)
-            _save_ckpt(out / "checkpoint", pm, opt, state)
-    state["stopped_early"] = step < total
-    state["total_steps"] = total
-    atomic_write_json(out / "result.json", state)
-    return state
+
+    def loss_fn(batch: list[tuple[int, int]]) -> torch.Tensor:
+        v = torch.stack([ts.vectors[ell][i] for i, ell in batch])
+        return sft_loss(av, v, [ell for _, ell in batch], [targets[i] for i, _ in batch])
+
+    def lr_at(step: int) -> float:
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+    sgd = SupervisedStep(train_rows, cfg.batch_size, cfg.seed, opt, params, cfg.grad_clip, loss_fn, lr_at)
+    return run_steps(LoopSettings(out, total, cfg.val_every, "train-av-lora"), state, t0, sgd, run_val,
+                     lambda: save_lora_checkpoint(out / "checkpoint", pm, opt, state), sgd.postfix(state))

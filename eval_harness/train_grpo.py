@@ -34,7 +34,8 @@ Output
     ``best/`` (highest ``eval_reward``): a loadable AV folder (PEFT files + ``nla_meta.yaml`` with
     ``stage: grpo``; nla-at-home's GRPO trainer wrote none); ``checkpoint/``, ``log.jsonl``,
     ``train_config.json``, ``result.json``. Step ``s`` draws everything from a generator seeded
-    ``seed·1000003 + s``, so ``--resume`` continues exactly.
+    ``seed·1000003 + s``, so ``--resume`` continues exactly; log rows, checkpoints and stops follow
+    :mod:`eval_harness.loop`.
 """
 
 from __future__ import annotations
@@ -49,12 +50,10 @@ from typing import Any, Iterator, Protocol
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from nla_space.backbone import Backbone
 from nla_space.errors import NLAInputError
-from nla_space.hub import load_state_dict
-from nla_space.io import atomic_write, atomic_write_json, save_tensors
+from nla_space.io import atomic_write_json
 from nla_space.rollout import Rollout, sample
 from nla_space.scoring import cosine
 from nla_space.sidecar import SIDECAR_NAME
@@ -62,8 +61,8 @@ from nla_space.verbalizers.injection import InjectionAV, find_subsequence
 
 from .injection_targets import InjectionTargets, base_spec, extract_layers
 from .targets import distinct_ngrams
-from .train import _append_log, _StopFlag, _trim_log
-from .train_av_lora import load_lora_state, lora_state, make_av, save_av_folder
+from .loop import LoopSettings, append_log, claim_out, run_steps, start_clock, trim_log
+from .train_av_lora import load_lora_checkpoint, load_lora_state, lora_state, make_av, save_av_folder, save_lora_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +239,7 @@ def train_grpo(backbone: Backbone, ts: InjectionTargets, sft_folder: Path, out: 
     if not side_path.is_file():
         raise NLAInputError(f"{sft_folder}: no {SIDECAR_NAME}: not an AV folder written by train-av-lora")
     sidecar = yaml.safe_load(side_path.read_text(encoding="utf-8"))
-    log_path = out / "log.jsonl"
-    if not resume and (log_path.exists() or (out / "checkpoint").exists()):
-        raise NLAInputError(f"{out} already holds a run (use --resume or another --out)")
-    out.mkdir(parents=True, exist_ok=True)
+    log_path = claim_out(out, resume)
     pm = PeftModel.from_pretrained(backbone.model, str(sft_folder), is_trainable=True)
     pm.eval()  # no dropout in rollouts or the policy-gradient forward
     av = make_av(backbone, sidecar, pm)
@@ -268,23 +264,11 @@ def train_grpo(backbone: Backbone, ts: InjectionTargets, sft_folder: Path, out: 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "max_eval_top1": None, "elapsed_s": 0.0, "collapsed": False}
     if resume:
-        ck = out / "checkpoint"
-        if not (ck / "state.json").is_file():
-            raise NLAInputError(f"--resume: no checkpoint in {ck}")
-        load_lora_state(pm, load_state_dict(ck / "adapter.safetensors"))
-        opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location="cpu", weights_only=True))
-        state = json.loads((ck / "state.json").read_text(encoding="utf-8"))
-        _trim_log(log_path, state["step"])
+        state = load_lora_checkpoint(out / "checkpoint", pm, opt)
+        trim_log(log_path, state["step"])
     atomic_write_json(out / "train_config.json", {"targets": str(ts.folder), "sft": str(sft_folder), "ar": str(ar_folder) if ar_folder else None,
                                                  "backbone": backbone.spec, **asdict(cfg), "layers": ts.layers, "n_rl_rows": len(rl),
                                                  "n_eval_items": len(items)})
-
-    def save_ckpt() -> None:
-        ck = out / "checkpoint"
-        ck.mkdir(parents=True, exist_ok=True)
-        save_tensors(ck / "adapter.safetensors", lora_state(pm))
-        atomic_write(ck / "optimizer.pt", lambda tmp: torch.save(opt.state_dict(), tmp))
-        atomic_write_json(ck / "state.json", state)
 
     def run_eval(step: int) -> dict[str, Any]:
         t = time.perf_counter()
@@ -309,89 +293,77 @@ def train_grpo(backbone: Backbone, ts: InjectionTargets, sft_folder: Path, out: 
             save_av_folder(out / "best", pm, sc, {"best.json": {"step": step, **res}})
         return res
 
-    t0 = time.perf_counter() - float(state.get("elapsed_s", 0.0))
-    step = int(state["step"])
-    if step == 0:
-        _append_log(log_path, {"step": 0, **run_eval(0)})
-    bar = tqdm(total=cfg.steps, initial=step, desc="train-grpo", unit="step", dynamic_ncols=True)
+    t0 = start_clock(state)
+    if state["step"] == 0:
+        append_log(log_path, {"step": 0, **run_eval(0)})
     n_rows = cfg.batch * cfg.group_size
-    with _StopFlag() as flag:
-        try:
-            while step < cfg.steps and not flag.stop and not state["collapsed"]:
-                gen = torch.Generator(device=backbone.device).manual_seed(cfg.seed * 1_000_003 + step)
-                cpu_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-                pick = torch.randint(len(rl), (cfg.batch,), generator=cpu_gen).tolist()
-                opt.zero_grad(set_to_none=True)
-                all_rows, owners, stats = [], [], {"reward": [], "cos_true": [], "cos_wrong": [], "kl": [], "closed": [], "len": []}
-                loss_sum, skipped = 0.0, 0
-                for b, k in enumerate(pick):
-                    i, ell = rl[k]
-                    others = [t for t in rl_txt if t != i]
-                    j = others[int(torch.randint(len(others), (1,), generator=cpu_gen))]
-                    v, vw = ts.vectors[ell][i], ts.vectors[ell][j]
-                    with torch.no_grad():
-                        roll, rows, texts, closed = rollout_group(av, v, ell, cfg.group_size, cfg, gen)
-                    r = reward_fn(texts, rows, closed, v, vw, ell)
-                    rew = r["reward"].float()
-                    stats["reward"].append(rew)
-                    stats["cos_true"].append(r.get("cos_true", torch.full_like(rew, float("nan"))))
-                    stats["cos_wrong"].append(r.get("cos_wrong", torch.full_like(rew, float("nan"))))
-                    stats["closed"] += closed
-                    stats["len"] += [len(x) for x in rows]
-                    all_rows += rows
-                    owners += [b] * len(rows)
-                    std = rew.std()
-                    if not bool(std > 1e-6):
-                        skipped += 1
-                        continue
-                    adv = ((rew - rew.mean()) / std).to(backbone.device)
-                    with torch.no_grad():
-                        if cfg.ref == "sft":
-                            with swapped_lora(pm, sft_state):
-                                ref_lp = token_logprobs(av, v, ell, roll)
-                        else:
-                            with pm.disable_adapter():
-                                ref_lp = token_logprobs(av, v, ell, roll)
-                    lp = token_logprobs(av, v, ell, roll)
-                    m = roll.mask.to(lp.device).float()
-                    delta = (ref_lp - lp) * m
-                    k3 = (torch.exp(delta) - delta - 1.0) * m
-                    loss = (-(adv[:, None] * lp * m).sum(1) + cfg.kl_coef * k3.sum(1)).sum() / n_rows
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                    stats["kl"].append(float(k3.detach().sum() / m.sum().clamp_min(1)))
-                if skipped < len(pick):
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
-                step += 1
-                rew_all = torch.cat(stats["reward"])
-                ct, cw = torch.cat(stats["cos_true"]), torch.cat(stats["cos_wrong"])
-                valid = ~torch.isnan(ct)
-                row: dict[str, Any] = {
-                    "step": step, "loss": round(loss_sum, 6), "reward": round(float(rew_all.mean()), 5),
-                    "cos_true": _nanmean(ct), "cos_wrong": _nanmean(cw),
-                    "top1_vs_wrong": round(float((ct[valid] > cw[valid]).float().mean()), 4) if bool(valid.any()) else None,
-                    "closed_rate": round(sum(stats["closed"]) / len(stats["closed"]), 4),
-                    "mean_len": round(sum(stats["len"]) / len(stats["len"]), 2),
-                    "distinct_1": round(distinct_ngrams(all_rows, 1), 4), "distinct_2": round(distinct_ngrams(all_rows, 2), 4),
-                    "template_rate": round(template_rate(all_rows, owners), 4),
-                    "kl": round(sum(stats["kl"]) / len(stats["kl"]), 6) if stats["kl"] else None,
-                    "skipped_groups": skipped, "elapsed_s": round(time.perf_counter() - t0, 2),
-                }
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    row.update(run_eval(step))
-                    state.update(step=step, elapsed_s=time.perf_counter() - t0)
-                    save_ckpt()
-                _append_log(log_path, row)
-                bar.set_postfix(reward=f"{row['reward']:.3f}", top1=row["top1_vs_wrong"], kl=row["kl"])
-                bar.update(1)
-        finally:
-            bar.close()
-            state.update(step=step, elapsed_s=time.perf_counter() - t0)
-            save_ckpt()
+
+    def grpo_step(step: int) -> dict[str, Any]:
+        """One GRPO update from the generators seeded by ``step``; returns the reward-hacking watch fields."""
+        gen = torch.Generator(device=backbone.device).manual_seed(cfg.seed * 1_000_003 + step)
+        cpu_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        pick = torch.randint(len(rl), (cfg.batch,), generator=cpu_gen).tolist()
+        opt.zero_grad(set_to_none=True)
+        all_rows, owners, stats = [], [], {"reward": [], "cos_true": [], "cos_wrong": [], "kl": [], "closed": [], "len": []}
+        loss_sum, skipped = 0.0, 0
+        for b, k in enumerate(pick):
+            i, ell = rl[k]
+            others = [t for t in rl_txt if t != i]
+            j = others[int(torch.randint(len(others), (1,), generator=cpu_gen))]
+            v, vw = ts.vectors[ell][i], ts.vectors[ell][j]
+            with torch.no_grad():
+                roll, rows, texts, closed = rollout_group(av, v, ell, cfg.group_size, cfg, gen)
+            r = reward_fn(texts, rows, closed, v, vw, ell)
+            rew = r["reward"].float()
+            stats["reward"].append(rew)
+            stats["cos_true"].append(r.get("cos_true", torch.full_like(rew, float("nan"))))
+            stats["cos_wrong"].append(r.get("cos_wrong", torch.full_like(rew, float("nan"))))
+            stats["closed"] += closed
+            stats["len"] += [len(x) for x in rows]
+            all_rows += rows
+            owners += [b] * len(rows)
+            std = rew.std()
+            if not bool(std > 1e-6):
+                skipped += 1
+                continue
+            adv = ((rew - rew.mean()) / std).to(backbone.device)
+            with torch.no_grad():
+                if cfg.ref == "sft":
+                    with swapped_lora(pm, sft_state):
+                        ref_lp = token_logprobs(av, v, ell, roll)
+                else:
+                    with pm.disable_adapter():
+                        ref_lp = token_logprobs(av, v, ell, roll)
+            lp = token_logprobs(av, v, ell, roll)
+            m = roll.mask.to(lp.device).float()
+            delta = (ref_lp - lp) * m
+            k3 = (torch.exp(delta) - delta - 1.0) * m
+            loss = (-(adv[:, None] * lp * m).sum(1) + cfg.kl_coef * k3.sum(1)).sum() / n_rows
+            loss.backward()
+            loss_sum += float(loss.detach())
+            stats["kl"].append(float(k3.detach().sum() / m.sum().clamp_min(1)))
+        if skipped < len(pick):
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+        rew_all = torch.cat(stats["reward"])
+        ct, cw = torch.cat(stats["cos_true"]), torch.cat(stats["cos_wrong"])
+        valid = ~torch.isnan(ct)
+        return {
+            "loss": round(loss_sum, 6), "reward": round(float(rew_all.mean()), 5),
+            "cos_true": _nanmean(ct), "cos_wrong": _nanmean(cw),
+            "top1_vs_wrong": round(float((ct[valid] > cw[valid]).float().mean()), 4) if bool(valid.any()) else None,
+            "closed_rate": round(sum(stats["closed"]) / len(stats["closed"]), 4),
+            "mean_len": round(sum(stats["len"]) / len(stats["len"]), 2),
+            "distinct_1": round(distinct_ngrams(all_rows, 1), 4), "distinct_2": round(distinct_ngrams(all_rows, 2), 4),
+            "template_rate": round(template_rate(all_rows, owners), 4),
+            "kl": round(sum(stats["kl"]) / len(stats["kl"]), 6) if stats["kl"] else None,
+            "skipped_groups": skipped,
+        }
+
+    state = run_steps(LoopSettings(out, cfg.steps, cfg.eval_every, "train-grpo"), state, t0, grpo_step, run_eval,
+                      lambda: save_lora_checkpoint(out / "checkpoint", pm, opt, state),
+                      lambda row: {"reward": f"{row['reward']:.3f}", "top1": row["top1_vs_wrong"], "kl": row["kl"]},
+                      should_stop=lambda: state["collapsed"])
     if state["collapsed"]:
-        log.error("stopped at step %d: held-out contrastive top-1 fell below %.2f; best/ holds step %s", step, cfg.collapse_top1, state["best_step"])
-    state["stopped_early"] = step < cfg.steps
-    state["total_steps"] = cfg.steps
-    atomic_write_json(out / "result.json", state)
+        log.error("stopped at step %d: held-out contrastive top-1 fell below %.2f; best/ holds step %s", state["step"], cfg.collapse_top1, state["best_step"])
     return state

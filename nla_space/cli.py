@@ -66,8 +66,13 @@ def _summary(res: Verbalization) -> str:
         f"card {res.card}  layer {res.layer}  K={res.k}  τ={res.tau:.3f}  trained={str(res.trained).lower()}",
         f"best ({kind} fve_nrm {res.score:.3f}, {badge}):",
         f"  {b.text!r}",
-        "candidates (by score):",
     ]
+    if res.compass:
+        c = res.compass
+        lines += [f"compass rerank (cosine {c['conf']:.3f} vs τ {c['tau']:.2f}, {'hedged' if c['hedged'] else 'confident'}; "
+                  f"{'same pick' if c['best_index'] == res.best_index else 'a different pick'}):",
+                  f"  {res.candidates[c['best_index']].text!r}"]
+    lines.append("candidates (by score):")
     order = sorted(range(len(res.candidates)), key=lambda i: -(res.candidates[i].score_cen or res.candidates[i].score_raw))
     for i in order[:10]:
         c = res.candidates[i]
@@ -116,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--k", type=_finite("--k", int), default=16, help=f"candidates to sample, 1..{MAX_K} (default 16)")
     v.add_argument("--tau", type=_finite("--tau", float), default=None, help="hedging threshold in [0, 1] (default: the card's)")
     v.add_argument("--temperature", type=_finite("--temperature", float), default=1.0)
-    v.add_argument("--max-new-tokens", type=_finite("--max-new-tokens", int), default=64, help=f"1..{MAX_NEW_TOKENS}")
+    v.add_argument("--max-new-tokens", type=_finite("--max-new-tokens", int), default=None,
+                   help=f"1..{MAX_NEW_TOKENS} (default: the card's, e.g. the length its AV was trained on)")
     v.add_argument("--greedy", action="store_true", help="one greedy candidate instead of K samples")
     v.add_argument("--seed", type=_finite("--seed", int), default=0)
     v.add_argument("--device", default=None, help="cpu, cuda, or auto (default)")

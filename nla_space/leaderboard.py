@@ -57,7 +57,11 @@ log = logging.getLogger(__name__)
 DEFAULT_PATH = REPO_ROOT / "assets" / "leaderboard.json"
 
 #: results ``meta.command`` → the table name used in card files (``published``)
-COMMAND_TABLES = {"centered-eval": "centered_eval", "rerank-eval": "rerank_eval", "oracle-ceiling": "oracle_ceiling"}
+COMMAND_TABLES = {"centered-eval": "centered_eval", "rerank-eval": "rerank_eval", "oracle-ceiling": "oracle_ceiling",
+                  "policy-eval": "policy_eval", "roundtrip": "roundtrip"}
+
+#: the τ (compass cosine scale) and λ at which a policy-eval sweep is reported (nla-at-home's defaults)
+POLICY_TAU, POLICY_LAMBDA = 0.30, 0.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,15 @@ METRICS: tuple[Metric, ...] = (
     Metric("oracle_ceiling", "paraphrase_best_fve_mean", "paraphrase best-of-{K} (raw)", k_dependent=True, centered=False),
     Metric("oracle_ceiling", "nn_in_pool_fve_mean", "NN-in-pool (raw)", centered=False),
     Metric("oracle_ceiling", "random_floor_fve_mean", "random floor, oracle-ceiling (raw)", centered=False),
+    # policy-eval (flattened by :func:`flat_values`): rates over 1-in-n retrieval, at τ = POLICY_TAU, λ = POLICY_LAMBDA
+    *(Metric(t, key, f"{label}, {who}", k_dependent=k, centered=False, fve=False)
+      for t, who in (("policy_eval_compass", "compass rerank of {K}"), ("policy_eval", "oracle rerank of {K}"))
+      for key, label, k in (("policy_confident_right", "confident right (τ 0.30)", True),
+                            ("policy_confident_wrong", "confident wrong (τ 0.30)", True),
+                            ("policy_hedged", "hedged (τ 0.30)", True),
+                            ("oracle_retrieval_any", "any candidate retrieves the target", True))),
+    Metric("roundtrip", "roundtrip_cos_mean", "round-trip cosine, mean-centred (AR or re-encode)", centered=False, fve=False),
+    Metric("roundtrip", "correct_vs_wrong_top1", "round trip picks the right activation over a wrong one", centered=False, fve=False),
 )
 
 FINDING_KEYS = (
@@ -199,9 +212,11 @@ def reproduced_sources(results: Iterable[dict[str, Any]], cards: list[Card]) -> 
         ids = [meta["card"]] if meta.get("card") else [
             c.id for c in cards if c.backbone_id == meta.get("backbone") and meta.get("layer") in c.layers
         ] or [f"{meta.get('backbone')}@L{meta.get('layer')}"]
+        if table == "policy_eval" and (meta.get("args") or {}).get("compass"):
+            table = "policy_eval_compass"
         for cid in ids:
             src = out.setdefault(cid, Source({}, {}, {}, {}))
-            values = {k: v for k, v in res.items() if k != "meta"}
+            values = flat_values(table, res)
             values.setdefault("M", meta.get("M"))
             values.setdefault("K", meta.get("K"))
             src.tables[table] = values
@@ -211,6 +226,27 @@ def reproduced_sources(results: Iterable[dict[str, Any]], cards: list[Card]) -> 
             if curve and (table == "rerank_eval" or not src.kcurve):
                 src.kcurve = curve
     return out
+
+
+def flat_values(table: str, res: dict[str, Any]) -> dict[str, Any]:
+    """A results file's numbers as one flat dict: the reference keys as they are; for ``policy-eval``
+    the first layer's rates at τ = :data:`POLICY_TAU`, λ = :data:`POLICY_LAMBDA` (plus ``K`` = candidates,
+    ``M`` = targets); for ``roundtrip`` the mean-centred round-trip cosine and the mean correct-vs-wrong top-1."""
+    values = {k: v for k, v in res.items() if k != "meta"}
+    if table.startswith("policy_eval"):
+        layers = res.get("per_layer") or {}
+        first = layers[sorted(layers)[0]] if layers else {}
+        sweep = (first.get("penalty_sweeps") or {}).get(str(POLICY_LAMBDA), [])
+        at = next((r for r in sweep if _num(r.get("tau")) is not None and abs(r["tau"] - POLICY_TAU) < 1e-9), {})
+        values.update(policy_confident_right=at.get("confident_right"), policy_confident_wrong=at.get("confident_wrong"),
+                      policy_hedged=at.get("hedged"), oracle_retrieval_any=first.get("oracle_retrieval_any"),
+                      K=res.get("n_samples"), M=first.get("n"))
+    elif table == "roundtrip":
+        arm = (res.get("arms") or {}).get("roundtrip") or {}
+        tops = [_num(v.get("top1")) for v in (res.get("correct_vs_wrong") or {}).values() if isinstance(v, dict)]
+        values.update(roundtrip_cos_mean=arm.get("mean"), M=arm.get("n") or res.get("holdout_n"),
+                      correct_vs_wrong_top1=sum(tops) / len(tops) if tops and None not in tops else None)
+    return values
 
 
 def card_anchors(card: Card | None, reproduced: Source | None) -> dict[str, Any] | None:
@@ -327,7 +363,7 @@ def build_leaderboard(results: Iterable[dict[str, Any]] = (), cards: list[Card] 
 
 
 #: card tables read into rows (:data:`METRICS`) or K-curves; never repeated in ``other_published``
-_ROW_TABLES = {"source", "note", "centered_eval", "rerank_eval", "oracle_ceiling", "bestof_cen", "bestof_raw",
+_ROW_TABLES = {"source", "note", "centered_eval", "rerank_eval", "oracle_ceiling", "policy_eval", "policy_eval_compass", "roundtrip", "bestof_cen", "bestof_raw",
                "kcurve_oracle_top1_cen", "training"}
 
 

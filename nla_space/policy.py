@@ -48,6 +48,8 @@ class Verbalization:
     best_index: int
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: a second opinion over the same candidates (the compass rerank, :func:`nla_space.compass.opinion`), or None
+    compass: dict[str, Any] | None = None
 
     @property
     def best(self) -> Candidate:
@@ -81,6 +83,7 @@ class Verbalization:
             "candidates": [asdict(c) for c in self.candidates],
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "notes": list(self.notes),
+            "compass": self.compass,
         }
 
 
@@ -155,12 +158,15 @@ def run(
     score: Callable[[Rollout, torch.Tensor], tuple[list[Candidate], int, bool]],
     progress: Callable[[float, str], None] | None = None,
     score_label: str = "re-encoding and scoring",
+    second_opinion: Callable[[list[Candidate], torch.Tensor], dict[str, Any]] | None = None,
 ) -> Verbalization:
     """The one verbalize flow every card kind walks: read v, sample, score, pick, time it.
 
     ``read()`` gives v; ``roll(v)`` the candidates; ``score(rollout, v)`` returns the scored
-    candidates, the best index and whether the scores are centered. Parameters are checked by
-    the caller (:func:`check_params`) before anything runs.
+    candidates, the best index and whether the scores are centered. ``second_opinion(candidates,
+    v)``, when given, reranks the same candidates another way (the compass) and is reported beside
+    the oracle pick, never instead of it. Parameters are checked by the caller (:func:`check_params`)
+    before anything runs.
     """
     timer = Timer()
     step = progress or (lambda frac, msg: None)
@@ -173,6 +179,11 @@ def run(
     step(0.7, score_label)
     with timer.phase("score_s"):
         cands, best, centered = score(rollout, v)
+    second = None
+    if second_opinion is not None:
+        step(0.9, "compass rerank")
+        with timer.phase("compass_s"):
+            second = second_opinion(cands, v)
     timer.times["total_s"] = sum(timer.times.values())
     step(1.0, "done")
     return Verbalization(
@@ -189,6 +200,7 @@ def run(
         best_index=best,
         timings=timer.times,
         notes=list(notes),
+        compass=second,
     )
 
 

@@ -75,6 +75,9 @@ class OpenCard:
     trained: bool
     mu: torch.Tensor | None
     notes: list[str] = field(default_factory=list)
+    #: the card's compass (:class:`nla_space.compass.CompassScorer`), reranking beside the oracle pick; None without one
+    compass: Any = None
+    compass_tau: float = 0.30
 
     @property
     def layers(self) -> list[int]:
@@ -104,6 +107,12 @@ class OpenCard:
     @property
     def top_p(self) -> float:
         return float(self.av.cfg.top_p)
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        """Rollout length when a request names none: the AV config's ``max_new_tokens`` (for our own AVs,
+        the length of the targets it was trained on, so candidates end where its targets ended)."""
+        return max(1, min(policy.MAX_NEW_TOKENS, int(self.av.cfg.max_new_tokens)))
 
     def extract(self, text: str, layer: int) -> torch.Tensor:
         """The activation (float32, (d,)) of ``text`` at ``layer`` (:func:`nla_space.activations.extract`)."""
@@ -156,12 +165,13 @@ class OpenCard:
         k: int = 16,
         tau: float | None = None,
         temperature: float = 1.0,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         greedy: bool = False,
         seed: int | None = None,
         progress: ProgressFn | None = None,
     ) -> policy.Verbalization:
         tau = self.card.default_tau if tau is None else tau
+        max_new_tokens = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         policy.check_params(k, tau, temperature, max_new_tokens, seed)
         layer = self.check_layer(layer)
 
@@ -176,8 +186,15 @@ class OpenCard:
             greedy=greedy, seed=seed, notes=self.notes,
             read=lambda: self.check_vector(vector) if vector is not None else self.extract(text, layer),
             roll=lambda v: self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer),
-            score=score, progress=progress,
+            score=score, progress=progress, second_opinion=self._compass_opinion(layer),
         )
+
+    def _compass_opinion(self, layer: int) -> Callable[[list[policy.Candidate], torch.Tensor], dict[str, Any]] | None:
+        if self.compass is None or not self.compass.supports(layer):
+            return None
+        from .compass import opinion
+
+        return lambda cands, v: opinion(self.compass, [c.text for c in cands], v, layer, self.compass_tau)
 
 
 def open_card(card: str | Card | None = None, backbone: str | None = None, device: str | None = None, revision: str | None = None) -> OpenCard:
@@ -234,4 +251,25 @@ def open_card(card: str | Card | None = None, backbone: str | None = None, devic
         raise CheckpointError(f"card {card.id}: μ contains NaN or infinite values")
     if mu is None:
         notes.append("no μ for this card: scores are raw fve_nrm, not centered")
-    return OpenCard(card=card, backbone=bb, av=av, trained=trained, mu=mu, notes=notes)
+    compass, compass_tau = _open_compass(card, folder, notes)
+    return OpenCard(card=card, backbone=bb, av=av, trained=trained, mu=mu, notes=notes, compass=compass, compass_tau=compass_tau)
+
+
+def _open_compass(card: Card, folder: Path | None, notes: list[str]) -> tuple[Any, float]:
+    """The card's ``compass`` section opened from the AV folder; a missing file or embedder becomes a
+    note (the card still works without its second opinion)."""
+    from .compass import DEFAULT_TAU, open_compass_scorer
+
+    section = card.compass
+    if not section or folder is None:
+        return None, DEFAULT_TAU
+    tau = float(section.get("tau", DEFAULT_TAU))
+    try:
+        scorer = open_compass_scorer(section, folder)
+    except (CheckpointError, NLAInputError, OSError) as exc:
+        notes.append(f"compass rerank unavailable: {exc}")
+        return None, tau
+    if not any(scorer.supports(ell) for ell in card.layers):
+        notes.append(f"compass rerank unavailable: the compass has no map for layer(s) {card.layers}")
+        return None, tau
+    return scorer, tau

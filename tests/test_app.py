@@ -13,7 +13,7 @@ import pytest
 from nla_space.errors import NLAInputError
 
 CONTRACT_KEYS = {"card", "layer", "k", "tau", "trained", "greedy", "temperature", "seed", "centered", "hedged",
-                 "score", "best_index", "best", "candidates", "timings", "notes"}
+                 "score", "best_index", "best", "candidates", "timings", "notes", "compass"}
 TEXT = "The Eiffel Tower is in Paris, the capital of France."
 
 
@@ -217,10 +217,13 @@ def test_a_burst_is_served_in_turn_and_one_failure_does_not_spill(client) -> Non
 @pytest.mark.e2e
 def test_ui_event_renders_every_output(client) -> None:
     out = client.predict(TEXT, "nla-space/smollm2-135m-L21", 21, 3, 0.6, 1.0, 1, False, api_name="/verbalize_ui")
-    badge, best, notes, heat, table, plot, timings, download, raw = out
+    badge, best, notes, compass, heat, table, plot, timings, download, raw = out
     assert ("CONFIDENT" in badge) != ("HEDGED" in badge)
     assert best and isinstance(heat, dict | list)
     assert len(table["data"]) == 3 and plot
+    # the embedded card ships a compass: its rerank is shown beside the oracle pick, and marked in the table
+    assert "Oracle rerank vs compass rerank" in compass and raw["compass"]["best_index"] in range(3)
+    assert any("◆" in str(row[1]) for row in table["data"]) and any("★" in str(row[1]) for row in table["data"])
     saved = json.loads(Path(download).read_text(encoding="utf-8"))
     assert saved["k"] == 3 and CONTRACT_KEYS <= set(saved) and raw["k"] == 3
     if not saved["trained"]:

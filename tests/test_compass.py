@@ -118,3 +118,61 @@ def test_minilm_embeds_unit_384_vectors_that_rank_paraphrases_first():
     assert E.shape == (3, 384)
     torch.testing.assert_close(E.norm(dim=1), torch.ones(3))
     assert float(E[0] @ E[1]) > float(E[0] @ E[2]) + 0.3
+
+
+def test_prefix_card_reports_the_compass_rerank_beside_the_oracle_pick(tmp_path):
+    """A prefix card with a ``compass`` section: the result carries the compass's own pick over the
+    same candidates, equal to argmax of MiniLM(text)·t* computed here by hand; the oracle pick is
+    unchanged; a card whose compass file is missing still verbalizes, with a note."""
+    import json
+
+    from nla_space.cards import card_from_folder
+    from nla_space.runtime import open_card
+    from tests.tiny import make_card_folder, save_backbone
+
+    bb_dir = save_backbone(tmp_path / "bb", "llama", layers=4, hidden=32)
+    card_dir = make_card_folder(tmp_path / "card", bb_dir, layer=2)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(40, 32, generator=g)
+    Y = torch.nn.functional.normalize(torch.randn(40, 384, generator=g), dim=-1)
+    comp = cp.Compass.fit({1: A}, Y)  # block 1 = hidden_states[2] with block_offset 1
+    comp.save(card_dir / "compass.safetensors")
+    (card_dir / "card.json").write_text(json.dumps({"compass": {"file": "compass.safetensors", "block_offset": 1, "tau": 0.1}}))
+
+    oc = open_card(card_from_folder(card_dir))
+    res = oc.verbalize(text="hello world", k=6, seed=3, max_new_tokens=8).to_dict()
+    c = res["compass"]
+    texts = [x["text"] for x in res["candidates"]]
+    v = oc.extract("hello world", 2)
+    f = cp.MiniLM()(texts).double() @ comp.target(v, 1)
+    assert c["best_index"] == int(torch.argmax(f))
+    assert c["faithfulness"] == pytest.approx(f.tolist(), abs=1e-5)
+    assert c["conf"] == pytest.approx(float(f.max()), abs=1e-6) and c["tau"] == 0.1
+    assert c["hedged"] == (c["conf"] < 0.1)
+    plain = open_card(card_from_folder(make_card_folder(tmp_path / "plain", bb_dir, layer=2)))
+    res_plain = plain.verbalize(text="hello world", k=6, seed=3, max_new_tokens=8).to_dict()
+    assert res_plain["compass"] is None and res_plain["best_index"] == res["best_index"]  # the oracle pick is untouched
+    assert "compass_s" in res["timings"]
+
+    (card_dir / "compass.safetensors").unlink()
+    broken = open_card(card_from_folder(card_dir))
+    out = broken.verbalize(text="hello world", k=2, seed=3, max_new_tokens=4).to_dict()
+    assert out["compass"] is None and any("compass rerank unavailable" in n for n in out["notes"])
+
+
+def test_views_show_both_reranks():
+    from nla_space.ui import views
+
+    cands = [{"text": "a | b", "token_ids": [1], "score_raw": 0.8, "score_cen": 0.6},
+             {"text": "c", "token_ids": [2], "score_raw": 0.7, "score_cen": 0.7}]
+    res = {"card": "x", "layer": 2, "k": 2, "tau": 0.65, "trained": True, "greedy": False, "temperature": 1.0, "seed": 0,
+           "centered": True, "hedged": False, "score": 0.7, "best_index": 1, "best": cands[1], "candidates": cands,
+           "timings": {}, "notes": [],
+           "compass": {"best_index": 0, "conf": 0.2, "tau": 0.3, "hedged": True, "agreement": 0.5, "faithfulness": [0.2, -0.1]}}
+    df = views.candidates_frame(res)
+    assert df["chosen"].tolist() == ["★", "◆"] and df["compass f"].tolist() == [-0.1, 0.2]
+    md = views.compass_markdown(res)
+    assert "**different** candidates" in md and "0.200 vs τ 0.30" in md and "a &#124; b" in md
+    assert "hedged" in md.split("◆")[1] and "confident" in md.split("★")[1].split("◆")[0]
+    res["compass"] = None
+    assert "ships no compass" in views.compass_markdown(res) and df.shape[1] == len(views.CANDIDATE_COLUMNS)

@@ -129,3 +129,25 @@ def test_leaderboard_command_on_real_results(eval_env, tmp_path):
     assert "| best-of-64 (centered) |" in text and "Findings" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert to_markdown(lb) == text
+
+
+def test_policy_eval_and_roundtrip_results_become_rows():
+    """policy-eval (with and without a compass) and roundtrip files: the first layer's rates at τ 0.30,
+    λ 0, as separate compass / oracle rows; the round-trip mean and top-1."""
+    def policy(compass: bool, right: float) -> dict:
+        sweep = [{"tau": t, "confident_right": right if t == 0.3 else 0.9, "confident_wrong": 0.1, "hedged": 1 - right - 0.1}
+                 for t in (0.2, 0.3)]
+        return {"n_samples": 12, "per_layer": {"21": {"n": 40, "oracle_retrieval_any": 0.25,
+                                                      "penalty_sweeps": {"0.0": sweep, "0.3": [{"tau": 0.3, "confident_right": 0.99}]}}},
+                "meta": {"command": "policy-eval", "card": "c", "args": {"compass": "x.safetensors" if compass else None}}}
+    rt = {"holdout_n": 50, "arms": {"roundtrip": {"mean": 0.123, "n": 50}},
+          "correct_vs_wrong": {"L1": {"top1": 0.6}, "L2": {"top1": 0.8}}, "meta": {"command": "roundtrip", "card": "c"}}
+    lb = build_leaderboard([policy(True, 0.2), policy(False, 0.4), rt], cards=[])
+    got = {(r["label"], r["K"], r["M"]): r["reproduced"] for r in lb["rows"] if r["card"] == "c"}
+    assert got[("confident right (τ 0.30), compass rerank of 12", 12, 40)] == 0.2
+    assert got[("confident right (τ 0.30), oracle rerank of 12", 12, 40)] == 0.4
+    assert got[("hedged (τ 0.30), oracle rerank of 12", 12, 40)] == pytest.approx(0.5)
+    assert got[("any candidate retrieves the target, compass rerank of 12", 12, 40)] == 0.25
+    assert got[("round-trip cosine, mean-centred (AR or re-encode)", None, 50)] == 0.123
+    assert got[("round trip picks the right activation over a wrong one", None, 50)] == pytest.approx(0.7)
+    assert all(r["rho_reproduced"] is None for r in lb["rows"])  # rates and cosines are not fve scores: no ρ

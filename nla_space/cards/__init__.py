@@ -16,6 +16,9 @@ A card file holds every card-specific fact, so the code never branches on a mode
 ``injection``     (kind ``injection``) marker, template, injection rule and scale, depth rule, parsing;
                   see :mod:`nla_space.verbalizers.injection`
 ``reconstructor`` (kind ``injection``) the AR that scores candidates; see :mod:`nla_space.reconstructors`
+``compass``       optional ``{"file", "block_offset", "tau"}``: a compass (:mod:`nla_space.compass`) in the AV
+                  folder whose rerank of the same candidates is reported beside the oracle (re-encode) pick;
+                  ``tau`` is on the compass's cosine scale (default 0.30)
 
 A local folder is a card too: ``config.json`` (NLAConfig) + ``av.safetensors`` or ``best_av.pt``,
 optionally ``mu.safetensors`` / ``mu_l{ℓ}.pt`` and a ``card.json`` with any of the fields above.
@@ -51,6 +54,7 @@ class Card:
     #: kind "injection" only: the injection recipe and the reconstructor (see nla_space.verbalizers.injection)
     injection: dict[str, Any] = field(default_factory=dict)
     reconstructor: dict[str, Any] = field(default_factory=dict)
+    compass: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     license: str = ""
     source_file: str | None = None
@@ -87,11 +91,14 @@ class Card:
         for name in ("id", "kind", "title", "description", "license"):
             if not isinstance(getattr(card, name), str):
                 raise CheckpointError(f"{source}: '{name}' must be a string, got {getattr(card, name)!r}")
-        for name in ("backbone", "av", "anchors", "published", "injection", "reconstructor"):
+        for name in ("backbone", "av", "anchors", "published", "injection", "reconstructor", "compass"):
             if not isinstance(getattr(card, name), dict):
                 raise CheckpointError(f"{source}: '{name}' must be a JSON object, got {getattr(card, name)!r}")
         if not isinstance(card.aliases, list) or not all(isinstance(a, str) for a in card.aliases):
             raise CheckpointError(f"{source}: 'aliases' must be a list of strings")
+        tau_c = card.compass.get("tau", 0.3)
+        if isinstance(tau_c, bool) or not isinstance(tau_c, (int, float)) or not -1 <= tau_c <= 1:
+            raise CheckpointError(f"{source}: 'compass.tau' must be a cosine in [-1, 1], got {tau_c!r}")
         if card.mu_file is not None and not isinstance(card.mu_file, str):
             raise CheckpointError(f"{source}: 'mu_file' must be a file name, got {card.mu_file!r}")
         return card

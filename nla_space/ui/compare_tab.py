@@ -21,7 +21,7 @@ def _side(name: str, prefix: str, **defaults: Any) -> tuple[dict[str, Any], list
         summary = gr.Markdown(elem_id=f"{prefix}summary")
         table = gr.Dataframe(headers=views.CANDIDATE_COLUMNS, label="Candidates", wrap=True, interactive=False,
                              max_height=300, elem_id=f"{prefix}candidates",
-                             column_widths=["9%", "10%", "14%", "14%", "53%"])
+                             column_widths=["8%", "9%", "12%", "12%", "10%", "49%"])
     return s, [badge, best, summary, table]
 
 

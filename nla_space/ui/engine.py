@@ -161,7 +161,7 @@ class Request:
     temperature: float
     seed: int | None
     greedy: bool
-    max_new_tokens: int
+    max_new_tokens: int | None  #: None: the card's default, capped at APP_MAX_NEW_TOKENS
 
 
 def check_request(
@@ -195,7 +195,7 @@ def check_request(
         temperature=_as_float("temperature", temperature, 0.0, 5.0),
         seed=None if seed in (None, "") else _as_int("seed", seed, 0, 2**63 - 1),
         greedy=bool(greedy),
-        max_new_tokens=APP_MAX_NEW_TOKENS if max_new_tokens is None else _as_int("max_new_tokens", max_new_tokens, 1, APP_MAX_NEW_TOKENS),
+        max_new_tokens=None if max_new_tokens in (None, "") else _as_int("max_new_tokens", max_new_tokens, 1, APP_MAX_NEW_TOKENS),
     )
 
 
@@ -204,9 +204,10 @@ def check_request(
 
 
 def gpu_seconds(card_id: str, text: str, layer: int | None, k: int, tau: float | None, temperature: float,
-                seed: int | None, greedy: bool = False, max_new_tokens: int = 64, progress: Any = None) -> int:
+                seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, progress: Any = None) -> int:
     """ZeroGPU reservation for one request, sized by K (same signature as :func:`run_verbalize`)."""
     n = 1 if greedy else int(k)
+    max_new_tokens = APP_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     return int(min(MAX_GPU_SECONDS, 15 + math.ceil(n * max_new_tokens / 64)))
 
 
@@ -233,7 +234,7 @@ def token_heat(oc: Any, text: str, layer: int) -> list[tuple[str, float]]:
 
 @gpu(duration=gpu_seconds)
 def run_verbalize(card_id: str, text: str, layer: int | None, k: int, tau: float | None, temperature: float,
-                  seed: int | None, greedy: bool = False, max_new_tokens: int = 64,
+                  seed: int | None, greedy: bool = False, max_new_tokens: int | None = None,
                   progress: Any = None) -> dict[str, Any]:
     """Verbalize on the card's device. Returns plain CPU data only: ``{"result": Verbalization.to_dict(),
     "heat": [(token, value), ...]}``, or ``{"error": message}`` for a user error (so that on ZeroGPU the
@@ -242,6 +243,8 @@ def run_verbalize(card_id: str, text: str, layer: int | None, k: int, tau: float
         # Opened in the main process before the call; a reused ZeroGPU worker forked earlier may lack a
         # card opened since, so open it here in that case.
         oc = _OPEN.get(card_id) or get_open(card_id)
+        if max_new_tokens is None:
+            max_new_tokens = min(APP_MAX_NEW_TOKENS, oc.default_max_new_tokens)
 
         def step(frac: float, msg: str) -> None:
             if progress is not None:

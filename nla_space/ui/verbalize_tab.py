@@ -67,14 +67,15 @@ def build(concurrency: int) -> dict[str, Any]:
             best = gr.Textbox(label="Best verbalization", elem_id="best", lines=2, max_lines=8, interactive=False,
                               buttons=["copy"])
             notes = gr.Markdown(elem_id="notes")
+            compass = gr.Markdown(elem_id="compass")
             heat = gr.HighlightedText(label="Input tokens: cosine of each token's state to v, the read vector at the last token (centered by μ, or by this text's mean state)",
                                       elem_id="heat", combine_adjacent=False, show_legend=False)
     with gr.Row():
         with gr.Column(scale=6):
-            table = gr.Dataframe(headers=views.CANDIDATE_COLUMNS, label="Candidates (sorted by score; ★ = chosen)",
+            table = gr.Dataframe(headers=views.CANDIDATE_COLUMNS, label="Candidates (sorted by score; ★ = oracle pick, ◆ = compass pick)",
                                  elem_id="candidates", wrap=True, interactive=False, max_height=420,
-                                 column_widths=["7%", "8%", "12%", "12%", "61%"],
-                                 datatype=["number", "str", "number", "number", "str"])
+                                 column_widths=["6%", "7%", "11%", "11%", "10%", "55%"],
+                                 datatype=["number", "str", "number", "number", "number", "str"])
         with gr.Column(scale=5):
             plot = gr.Plot(label="Scores of the K candidates, τ, and the card's floor and ceiling", show_label=False,
                            elem_id="score-plot")
@@ -91,7 +92,7 @@ def build(concurrency: int) -> dict[str, Any]:
         return handlers.render(result, heat_)
 
     inputs = [text, s["card"], s["layer"], s["k"], s["tau"], s["temperature"], s["seed"], s["greedy"]]
-    outputs = [badge, best, notes, heat, table, plot, timings, download, raw]
+    outputs = [badge, best, notes, compass, heat, table, plot, timings, download, raw]
     ev = run.click(on_run, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,
                    api_visibility="undocumented", api_name="verbalize_ui", show_progress="full")
     ev2 = text.submit(on_run, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..cards import Card
 
-CANDIDATE_COLUMNS = ["rank", "chosen", "score (centered)", "score (raw)", "candidate"]
+CANDIDATE_COLUMNS = ["rank", "chosen", "score (centered)", "score (raw)", "compass f", "candidate"]
 
 
 def score_kind(result: dict[str, Any]) -> str:
@@ -58,18 +58,46 @@ def candidates_frame(result: dict[str, Any]) -> pd.DataFrame:
     """The K candidates sorted by the selection score, the chosen one marked."""
     centered = bool(result.get("centered"))
     cands = result["candidates"]
+    comp = result.get("compass") or None
     order = sorted(range(len(cands)), key=lambda i: _sort_key(cands[i], centered))
     rows = []
     for rank, i in enumerate(order, 1):
         c = cands[i]
+        mark = ("★" if i == result["best_index"] else "") + ("◆" if comp and i == comp["best_index"] else "")
         rows.append({
             "rank": rank,
-            "chosen": "★" if i == result["best_index"] else "",
+            "chosen": mark,
             "score (centered)": round(c["score_cen"], 4) if c.get("score_cen") is not None else None,
             "score (raw)": round(c["score_raw"], 4),
+            "compass f": round(comp["faithfulness"][i], 4) if comp else None,
             "candidate": c["text"] if c["text"].strip() else "(empty: whitespace or EOS only)",
         })
     return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
+
+
+def compass_markdown(result: dict[str, Any]) -> str:
+    """The two reranks of the same K candidates side by side: the oracle (re-encode score, ★) and the
+    compass (MiniLM cosine to the compass target, ◆), each with its own threshold and decision."""
+    comp = result.get("compass")
+    if not comp:
+        return ("*Compass rerank: this card ships no compass, so only the oracle (re-encode) pick is shown.*"
+                if not result.get("greedy") else "")
+    cands = result["candidates"]
+    oracle_i, comp_i = result["best_index"], comp["best_index"]
+    same = "the **same** candidate" if oracle_i == comp_i else "**different** candidates"
+    def line(name: str, i: int, score: str, hedged: bool) -> str:
+        text = " ".join(cands[i]["text"].split()) or "(empty)"
+        return f"| {name} | {score} | {'hedged' if hedged else 'confident'} | {escape(text[:160]).replace('|', '&#124;')} |"
+    return "\n".join([
+        f"**Oracle rerank vs compass rerank** ({len(cands)} candidates; they pick {same}; "
+        f"compass agreement {comp['agreement']:.3f})",
+        "",
+        "| rerank | score vs threshold | decision | pick |",
+        "|---|---|---|---|",
+        line("★ oracle (re-encode)", oracle_i, f"{result['score']:.3f} vs τ {result['tau']:.2f}", bool(result["hedged"])),
+        line(f"◆ compass ({comp.get('faith_model', 'MiniLM').split('/')[-1]})", comp_i,
+             f"{comp['conf']:.3f} vs τ {comp['tau']:.2f} (cosine)", bool(comp["hedged"])),
+    ])
 
 
 def timings_markdown(result: dict[str, Any]) -> str:

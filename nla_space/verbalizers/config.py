@@ -17,6 +17,10 @@ from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
+#: ``none`` (the reference: v as is), ``embed`` (v rescaled to the mean embedding-row norm),
+#: ``center_embed`` (v − μ rescaled to that norm; μ is the AV's ``inject_mu`` buffer).
+INJECT_NORMS = ("none", "embed", "center_embed")
+
 
 @dataclass
 class NLAConfig:
@@ -40,6 +44,7 @@ class NLAConfig:
     prefix_mlp_hidden: int = 256
     num_inject_slots: int = 1
     use_layer_embed: bool = False
+    #: How v is conditioned before ``proj`` (see :meth:`nla_space.verbalizers.prefix.PrefixAV.inject`).
     inject_norm: str = "none"
 
     @classmethod
@@ -84,8 +89,8 @@ class NLAConfig:
             _int("d_vector", 1, 1 << 20)
         if self.prefix_mode not in ("static", "mlp"):
             raise ValueError(f"NLAConfig.prefix_mode must be 'static' or 'mlp', got {self.prefix_mode!r}")
-        if self.inject_norm not in ("none", "embed"):
-            raise ValueError(f"NLAConfig.inject_norm must be 'none' or 'embed', got {self.inject_norm!r}")
+        if self.inject_norm not in INJECT_NORMS:
+            raise ValueError(f"NLAConfig.inject_norm must be one of {INJECT_NORMS}, got {self.inject_norm!r}")
         for name in ("temperature", "top_p"):
             val = getattr(self, name)
             if not isinstance(val, (int, float)) or isinstance(val, bool) or not 0 <= float(val) <= 100:

@@ -184,6 +184,7 @@ class InjectionSpec:
     close_tag: str | None = "</explanation>"
     cut_at: list[str] = field(default_factory=list)
     top_p: float = 1.0
+    max_new_tokens: int = 64  #: the default rollout length (the card's ``generation.max_new_tokens``)
     d_model: int | None = None
     #: the depth bands the adapter was trained on (sidecar ``depth_percentages``), informational
     trained_depths: list[int] = field(default_factory=list)
@@ -272,6 +273,7 @@ def resolve_spec(section: dict[str, Any], sidecar: Sidecar | None, where: str) -
         close_tag=parse.get("close", "</explanation>"),
         cut_at=list(parse.get("cut_at", [])),
         top_p=float(gen.get("top_p", 1.0)),
+        max_new_tokens=int(gen.get("max_new_tokens", 64)),
         d_model=sc.d_model,
         trained_depths=[int(g) for g in (sc.depth_percentages or [])],
         sources=sources,
@@ -552,6 +554,11 @@ class OpenInjectionCard:
         return float(self.av.spec.top_p)
 
     @property
+    def default_max_new_tokens(self) -> int:
+        """Rollout length when a request names none: the card's ``generation.max_new_tokens``."""
+        return max(1, min(policy.MAX_NEW_TOKENS, self.av.spec.max_new_tokens))
+
+    @property
     def scorer_space(self) -> str:
         """``activation`` for an AR (scored against v, μ-centered when there is a μ), ``embedding`` for a compass."""
         return str(getattr(self.reconstructor, "space", "activation"))
@@ -584,12 +591,13 @@ class OpenInjectionCard:
         k: int = 16,
         tau: float | None = None,
         temperature: float = 1.0,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         greedy: bool = False,
         seed: int | None = None,
         progress: ProgressFn | None = None,
     ) -> policy.Verbalization:
         tau = self.card.default_tau if tau is None else tau
+        max_new_tokens = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         policy.check_params(k, tau, temperature, max_new_tokens, seed)
         layer = self.check_layer(layer)
         notes = list(self.notes)

@@ -4,7 +4,13 @@ Given a target ``v ∈ R^d`` the AV builds the soft input sequence
 
     [ proj(v), proj_extra_1(v) … proj_extra_{M-1}(v), prefix_1 … prefix_P ]
 
-(no BOS, no text prompt) and the frozen backbone continues it. Parameter names match the reference
+(no BOS, no text prompt) and the frozen backbone continues it. Before ``proj``, v is conditioned by
+``cfg.inject_norm``: ``none`` (as the reference), ``embed`` (rescaled to the mean norm of the
+embedding-table rows, for backbones whose residual norms are far from the token embeddings'), or
+``center_embed`` (``v − inject_mu`` rescaled to that norm, where ``inject_mu`` is a stored buffer
+holding the anisotropy mean μ of the training targets: on SmolLM2 layer 21 two dimensions of μ
+carry most of ‖v‖ and raw targets share cos ≈ 0.54, so without centering every injected vector
+looks alike; measured in ``assets/cards/smollm2-135m-L21/TRAINING.md``). Parameter names match the reference
 ``state_dict`` exactly (``proj``, ``prefix_embeds``, ``proj_extra``, ``prefix_mlp``, ``layer_embed``)
 so a published ``best_av.pt`` loads. Adapter parameters are float32; :meth:`PrefixAV.embeds`
 casts to the backbone dtype at the boundary and multiplies by the backbone's embedding scale
@@ -42,6 +48,10 @@ class PrefixAV(nn.Module):
         d_vec = cfg.d_vector or d_embed
         self.d_vec, self.d_embed = d_vec, d_embed
         self.embed_row_norm = float(embed_row_norm)
+        if cfg.inject_norm == "center_embed":
+            self.register_buffer("inject_mu", torch.zeros(d_vec))
+        else:
+            self.inject_mu = None
         P, M = cfg.num_prefix_tokens, cfg.num_inject_slots
         bos = bos_embedding.detach().float().reshape(d_embed)
 
@@ -82,7 +92,9 @@ class PrefixAV(nn.Module):
         v = v.float()
         if v.ndim == 1:
             v = v[None]
-        if self.cfg.inject_norm == "embed":
+        if self.cfg.inject_norm == "center_embed":
+            v = v - self.inject_mu
+        if self.cfg.inject_norm in ("embed", "center_embed"):
             v = nn.functional.normalize(v, dim=-1) * self.embed_row_norm
         slots = torch.stack([self.proj(v)] + [lin(v) for lin in self.proj_extra], dim=1)
         if self.layer_embed is not None:
@@ -114,8 +126,12 @@ class PrefixAV(nn.Module):
         save_tensors(folder / "av.safetensors", self.adapter_state(), metadata={"format": "pt", "kind": "nla-prefix-av"})
 
 
-def build_prefix_av(cfg: NLAConfig, backbone: Backbone) -> PrefixAV:
-    """A freshly initialised AV for ``backbone`` (identity ``proj``, BOS-row prefix), float32, on its device."""
+def build_prefix_av(cfg: NLAConfig, backbone: Backbone, mu: torch.Tensor | None = None) -> PrefixAV:
+    """A freshly initialised AV for ``backbone`` (identity ``proj``, BOS-row prefix), float32, on its device.
+
+    ``mu`` fills the ``inject_mu`` buffer of a ``center_embed`` AV (training); a loaded AV gets it
+    from its weights file instead.
+    """
     table = backbone.model.get_input_embeddings().weight
     bos = backbone.bos_id if backbone.bos_id is not None else 0
     av = PrefixAV(
@@ -125,6 +141,11 @@ def build_prefix_av(cfg: NLAConfig, backbone: Backbone) -> PrefixAV:
         num_layers=backbone.num_layers,
         embed_row_norm=float(table.detach().float().norm(dim=-1).mean()),
     )
+    if mu is not None:
+        if av.inject_mu is None:
+            raise ValueError(f"inject_norm={cfg.inject_norm!r} takes no mu")
+        with torch.no_grad():
+            av.inject_mu.copy_(mu.reshape(-1).float())
     return av.to(backbone.device).float()
 
 
