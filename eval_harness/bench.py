@@ -10,7 +10,14 @@ ignored), so they do the same amount of work:
   a full-depth re-encode with ``output_hidden_states=True`` (the reference scripts' recipe).
 
 FLOP bound: matmul FLOPs of the work (2 × params touched per token, the LM head per sampled token,
-attention scores) divided by the machine's measured matmul throughput.
+attention scores) divided by the machine's measured matmul throughput **in the dtype of the path**
+(``project_dtype`` for ``flop_bound_s``, ``plain_dtype`` for ``plain_flop_bound_s``; both measured
+with the same square matmul, listed in ``matmul_gflops_by_dtype``).
+
+Dtypes: the project path runs in its card's backbone dtype (``bench --dtype``; float32 on CPU unless
+asked), the plain path in ``--plain-dtype`` (float32 on CPU: the reference recipe's). Both run on
+the same AV weights (:meth:`nla_space.runtime.OpenCard.with_dtype`). When the project path runs in
+bfloat16, :func:`dtype_fidelity` measures what that costs in scores against float32.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from typing import Any
 import torch
 
 from nla_space.activations import extract
+from nla_space.policy import score_vectors
 from nla_space.reencode import reencode_ids
+from nla_space.scoring import cosine
 from nla_space.rollout import eos_inclusive_mask
 from nla_space.runtime import OpenCard
 
@@ -42,7 +51,10 @@ class BenchRow:
     project_score_s: float
     plain_sample_s: float
     plain_score_s: float
-    flop_bound_s: float
+    flop_bound_s: float  #: the project path's bound, at the matmul throughput of ``project_dtype``
+    project_dtype: str = "float32"
+    plain_dtype: str = "float32"
+    plain_flop_bound_s: float | None = None  #: the plain path's bound, at the throughput of ``plain_dtype``
 
     @property
     def speedup(self) -> float:
@@ -52,11 +64,17 @@ class BenchRow:
     def fraction_of_bound(self) -> float:
         return self.flop_bound_s / self.project_s
 
+    @property
+    def plain_fraction_of_bound(self) -> float | None:
+        return None if self.plain_flop_bound_s is None else self.plain_flop_bound_s / self.plain_s
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        plain_frac = self.plain_fraction_of_bound
         d.update(
             speedup=round(self.speedup, 3),
             fraction_of_flop_bound=round(self.fraction_of_bound, 3),
+            plain_fraction_of_flop_bound=None if plain_frac is None else round(plain_frac, 3),
             project_candidates_per_s=round(self.k / self.project_s, 3),
             plain_candidates_per_s=round(self.k / self.plain_s, 3),
         )
@@ -68,14 +86,19 @@ class BenchReport:
     card: str
     device: str
     threads: int
-    matmul_gflops: float
+    matmul_gflops: float  #: measured in ``project_dtype``
     cold_start_s: float | None
     warm_start_s: float | None
     rows: list[BenchRow] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    project_dtype: str = "float32"
+    plain_dtype: str = "float32"
+    matmul_gflops_by_dtype: dict[str, float] = field(default_factory=dict)
+    #: :func:`dtype_fidelity` of the bfloat16 project path against float32; None unless it ran in bfloat16
+    bf16_fidelity: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "card": self.card,
             "device": self.device,
             "threads": self.threads,
@@ -83,8 +106,14 @@ class BenchReport:
             "cold_start_s": self.cold_start_s,
             "warm_start_s": self.warm_start_s,
             "rows": [r.to_dict() for r in self.rows],
+            "project_dtype": self.project_dtype,
+            "plain_dtype": self.plain_dtype,
+            "matmul_gflops_by_dtype": {k: round(v, 1) for k, v in self.matmul_gflops_by_dtype.items()},
             **self.extra,
         }
+        if self.bf16_fidelity is not None:
+            out["bf16_fidelity"] = self.bf16_fidelity
+        return out
 
 
 def _sync(device: torch.device) -> None:
@@ -173,12 +202,102 @@ def _project(opened: OpenCard, v: torch.Tensor, k: int, new_tokens: int, layer: 
     return t1 - t0, t2 - t1
 
 
-def run_bench(opened: OpenCard, ks: list[int], new_tokens: int = 64, text: str = "The Eiffel Tower is in Paris.", repeats: int = 1, seed: int = 0) -> BenchReport:
-    """Time both paths for each K (best of ``repeats``), same card, same activation, same lengths."""
-    bb = opened.backbone
+def dtype_fidelity(
+    opened: OpenCard,
+    reference: OpenCard,
+    text: str,
+    k: int,
+    new_tokens: int,
+    seed: int = 0,
+    layer: int | None = None,
+) -> dict[str, Any]:
+    """How far best-of-K in ``opened``'s dtype (e.g. bfloat16) strays from ``reference``'s (float32).
+
+    Both cards must share the AV and μ (:meth:`OpenCard.with_dtype`). Both runs get the same
+    activation (the reference's reading of ``text``) and the same seed, and sample with the card's
+    own rollout (stop tokens honoured, at most ``new_tokens``). The score is the one selection uses
+    (:func:`nla_space.policy.score_vectors`: centered when the card has μ, else raw), always float32.
+
+    Keys: ``mean_abs_delta_score``/``max_abs_delta_score`` — |score in opened's dtype − score in
+    the reference's| over the K candidates of the low-precision run, i.e. the same token ids
+    re-encoded in both dtypes; ``same_best_pick`` — both dtypes pick the same one of those
+    candidates; ``same_best_text_as_reference_run`` — the low-precision run's best text equals the
+    best text of a whole reference run with the same seed (sampling may diverge, so this is the
+    stricter test); ``identical_candidates`` — rows of both runs with identical token ids;
+    ``best_score_in_reference`` vs ``reference_run_best_score`` — the low-precision pick scored in
+    the reference dtype, and the reference run's own best; ``activation_cosine`` — cosine of the two
+    dtypes' readings of ``text``.
+    """
+    layer = opened.card.default_layer if layer is None else layer
+    v = extract(reference.backbone, text, layer)
+    v_low = extract(opened.backbone, text, layer)
+
+    def scores(oc: OpenCard, roll: Any) -> torch.Tensor:
+        dev = oc.backbone.device
+        h = reencode_ids(oc.backbone, layer, roll.ids.to(dev), roll.mask.to(dev)).float().cpu()
+        raw, cen = score_vectors(h, v, oc.mu)
+        return cen if cen is not None else raw
+
+    with torch.inference_mode():
+        roll = opened.rollout(v, k, 1.0, new_tokens, False, seed, layer)
+        ref_roll = reference.rollout(v, k, 1.0, new_tokens, False, seed, layer)
+        s_low = scores(opened, roll)
+        s_low_in_ref = scores(reference, roll)
+        s_ref = scores(reference, ref_roll)
+    delta = (s_low - s_low_in_ref).abs()
+    best, best_in_ref, ref_best = int(s_low.argmax()), int(s_low_in_ref.argmax()), int(s_ref.argmax())
+    texts, ref_texts = opened.candidate_texts(roll), reference.candidate_texts(ref_roll)
+
+    def row(r: Any, i: int) -> list[int]:
+        return [int(t) for t in r.ids[i, : int(r.mask[i].sum())]]
+
+    identical = sum(row(roll, i) == row(ref_roll, i) for i in range(min(roll.ids.shape[0], ref_roll.ids.shape[0])))
+    out = {
+        "dtype": opened.backbone.dtype_name,
+        "reference_dtype": reference.backbone.dtype_name,
+        "k": k,
+        "max_new_tokens": new_tokens,
+        "seed": seed,
+        "layer": layer,
+        "score": "centered" if opened.mu is not None else "raw",
+        "activation_cosine": round(float(cosine(v_low, v)), 6),
+        "mean_abs_delta_score": round(float(delta.mean()), 6),
+        "max_abs_delta_score": round(float(delta.max()), 6),
+        "same_best_pick": best == best_in_ref,
+        "best_index": best,
+        "reference_best_index": best_in_ref,
+        "identical_candidates": int(identical),
+        "same_best_text_as_reference_run": texts[best] == ref_texts[ref_best],
+        "best_score_in_reference": round(float(s_low_in_ref[best]), 6),
+        "reference_run_best_score": round(float(s_ref[ref_best]), 6),
+    }
+    log.info("%s vs %s fidelity (K=%d): mean |Δscore| %.4f, same pick %s", out["dtype"], out["reference_dtype"], k,
+             out["mean_abs_delta_score"], out["same_best_pick"])
+    return out
+
+
+def run_bench(
+    opened: OpenCard,
+    ks: list[int],
+    new_tokens: int = 64,
+    text: str = "The Eiffel Tower is in Paris.",
+    repeats: int = 1,
+    seed: int = 0,
+    plain: OpenCard | None = None,
+    fidelity_reference: OpenCard | None = None,
+) -> BenchReport:
+    """Time both paths for each K (best of ``repeats``), same card, same activation, same lengths.
+
+    ``opened`` runs the project path; ``plain`` (default: ``opened``) the plain recipe, typically
+    the same card in another dtype (:meth:`OpenCard.with_dtype`). With ``fidelity_reference`` (the
+    card in float32), :func:`dtype_fidelity` at the largest K fills ``bf16_fidelity``.
+    """
+    plain = opened if plain is None else plain
+    bb, pbb = opened.backbone, plain.backbone
     layer = opened.card.default_layer
     v = extract(bb, text, layer)
-    gflops = matmul_gflops(bb.device, bb.dtype)
+    by_dtype = {name: matmul_gflops(bb.device, dt) for name, dt in {bb.dtype_name: bb.dtype, pbb.dtype_name: pbb.dtype}.items()}
+    gflops = by_dtype[bb.dtype_name]
     report = BenchReport(
         card=opened.card.id,
         device=f"{bb.device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cpus)"
@@ -188,24 +307,33 @@ def run_bench(opened: OpenCard, ks: list[int], new_tokens: int = 64, text: str =
         matmul_gflops=gflops,
         cold_start_s=None,
         warm_start_s=None,
+        project_dtype=bb.dtype_name,
+        plain_dtype=pbb.dtype_name,
+        matmul_gflops_by_dtype=by_dtype,
     )
     _project(opened, v, 2, 4, layer, seed)  # warm-up
-    _plain(opened, v, 2, 4, layer, seed)
+    _plain(plain, v, 2, 4, layer, seed)
     for k in ks:
         proj = min((_project(opened, v, k, new_tokens, layer, seed) for _ in range(repeats)), key=sum)
-        plain = min((_plain(opened, v, k, new_tokens, layer, seed) for _ in range(repeats)), key=sum)
-        bound = flop_count(opened, k, new_tokens, layer) / (gflops * 1e9)
+        pl = min((_plain(plain, v, k, new_tokens, layer, seed) for _ in range(repeats)), key=sum)
+        flops = flop_count(opened, k, new_tokens, layer)
         row = BenchRow(
             k=k,
             tokens=new_tokens,
             project_s=sum(proj),
-            plain_s=sum(plain),
+            plain_s=sum(pl),
             project_sample_s=proj[0],
             project_score_s=proj[1],
-            plain_sample_s=plain[0],
-            plain_score_s=plain[1],
-            flop_bound_s=bound,
+            plain_sample_s=pl[0],
+            plain_score_s=pl[1],
+            flop_bound_s=flops / (gflops * 1e9),
+            project_dtype=bb.dtype_name,
+            plain_dtype=pbb.dtype_name,
+            plain_flop_bound_s=flops / (by_dtype[pbb.dtype_name] * 1e9),
         )
-        log.info("K=%d: project %.2fs, plain %.2fs (×%.2f), bound %.2fs", k, row.project_s, row.plain_s, row.speedup, bound)
+        log.info("K=%d: project (%s) %.2fs, plain (%s) %.2fs (×%.2f), bound %.2fs", k, row.project_dtype, row.project_s,
+                 row.plain_dtype, row.plain_s, row.speedup, row.flop_bound_s)
         report.rows.append(row)
+    if fidelity_reference is not None:
+        report.bf16_fidelity = dtype_fidelity(opened, fidelity_reference, text, max(ks), new_tokens, seed, layer)
     return report

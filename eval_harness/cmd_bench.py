@@ -21,26 +21,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=64, help="fixed rollout length")
     p.add_argument("--repeats", type=int, default=1, help="take the best of this many runs per K")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, metavar="{float32,bfloat16}",
+                   help="the project path's backbone dtype (default: $NLA_CPU_DTYPE on CPU, else float32 on CPU and the "
+                        "card's on CUDA); bfloat16 also reports bf16_fidelity against float32")
+    p.add_argument("--plain-dtype", default=None, metavar="{float32,bfloat16}",
+                   help="the plain recipe's dtype (default: float32 on CPU, the reference recipe's; the card's on CUDA); "
+                        "bfloat16 gives a like-for-like comparison with --dtype bfloat16")
     p.add_argument("--start", choices=["none", "warm", "cold"], default="warm",
                    help="also time a whole CLI process: warm (cached backbone) or cold (empty cache, converts the GGUF)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
 
 
-def _cli_start_seconds(card: str | None, cache: str | None = None) -> float:
-    """Wall time of a whole `python -m nla_space verbalize` process answering one K=1 request."""
+def _cli_start_seconds(card: str | None, cache: str | None = None, dtype: str | None = None) -> float:
+    """Wall time of a whole `python -m nla_space verbalize` process answering one K=1 request (in ``dtype``)."""
     env = dict(os.environ)
     if cache:
         env["NLA_SPACE_CACHE"] = cache
     cmd = [sys.executable, "-m", "nla_space", "verbalize", "--text", "warm start", "--k", "1", "--max-new-tokens", "1"]
     if card:
         cmd += ["--card", card]
+    if dtype:
+        cmd += ["--dtype", dtype]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     return time.perf_counter() - t0
 
 
 def run(args: argparse.Namespace) -> int:
+    from nla_space.backbone import CPU_DTYPES, requested_dtype, resolve_dtype
     from nla_space.errors import NLAInputError
     from nla_space.io import atomic_write_json
     from nla_space.runtime import open_card
@@ -53,24 +62,44 @@ def run(args: argparse.Namespace) -> int:
         raise NLAInputError(f"--k must be comma-separated integers, got {args.k!r}")
     if not ks or min(ks) < 1:
         raise NLAInputError("--k values must be ≥ 1")
-    opened = open_card(args.card, backbone=args.backbone, device=args.device)
-    report = run_bench(opened, ks, new_tokens=args.tokens, repeats=args.repeats)
+    for flag, value in (("--dtype", args.dtype), ("--plain-dtype", args.plain_dtype)):
+        if value is not None and value not in CPU_DTYPES:
+            raise NLAInputError(f"{flag} must be {' or '.join(CPU_DTYPES)}, got {value!r}")
+    dtype = requested_dtype(args.dtype, args.device)
+    opened = open_card(args.card, backbone=args.backbone, device=args.device, dtype=dtype)
+    dev = opened.backbone.device
+    # The plain recipe's dtype: as asked, else float32 on CPU / the card's on CUDA (what it would load).
+    plain_dtype = resolve_dtype(args.plain_dtype, dev, opened.card.backbone.get("dtype"))
+    plain = opened.with_dtype(plain_dtype)
+    reference = opened.with_dtype("float32") if dtype == "bfloat16" else None
+    report = run_bench(opened, ks, new_tokens=args.tokens, repeats=args.repeats, plain=plain, fidelity_reference=reference)
     if args.start in ("warm", "cold"):
-        report.warm_start_s = round(_cli_start_seconds(args.card), 2)
+        report.warm_start_s = round(_cli_start_seconds(args.card, dtype=dtype), 2)
     if args.start == "cold":
         with tempfile.TemporaryDirectory() as tmp:
-            report.cold_start_s = round(_cli_start_seconds(args.card, tmp), 2)
+            report.cold_start_s = round(_cli_start_seconds(args.card, tmp, dtype), 2)
     data = report.to_dict()
     if args.out:
         atomic_write_json(args.out, data)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    print(f"card {report.card} on {report.device}, {report.threads} threads, matmul {report.matmul_gflops:.0f} GFLOP/s")
-    print(f"{'K':>4} {'project s':>10} {'plain s':>9} {'speedup':>8} {'cand/s':>7} {'bound s':>8} {'of bound':>9}")
+    tput = ", ".join(f"{name} {g:.0f}" for name, g in report.matmul_gflops_by_dtype.items())
+    print(f"card {report.card} on {report.device}, {report.threads} threads, matmul GFLOP/s: {tput}")
+    print(f"project path in {report.project_dtype}, plain recipe in {report.plain_dtype} "
+          "(each FLOP bound at its own dtype's matmul throughput)")
+    print(f"{'K':>4} {'project s':>10} {'plain s':>9} {'speedup':>8} {'cand/s':>7} {'bound s':>8} {'of bound':>9} {'plain of bound':>15}")
     for r in report.rows:
+        plain_frac = r.plain_fraction_of_bound
         print(f"{r.k:>4} {r.project_s:>10.2f} {r.plain_s:>9.2f} {r.speedup:>7.2f}x {r.k / r.project_s:>7.2f} "
-              f"{r.flop_bound_s:>8.2f} {r.fraction_of_bound:>8.0%}")
+              f"{r.flop_bound_s:>8.2f} {r.fraction_of_bound:>8.0%} {'-' if plain_frac is None else f'{plain_frac:.0%}':>15}")
+    fid = report.bf16_fidelity
+    if fid is not None:
+        print(f"{fid['dtype']} fidelity vs {fid['reference_dtype']} (K={fid['k']}, seed {fid['seed']}, {fid['score']} score): "
+              f"mean |Δscore| {fid['mean_abs_delta_score']:.4f} (max {fid['max_abs_delta_score']:.4f}) on the same candidates; "
+              f"same pick: {'yes' if fid['same_best_pick'] else 'no'}; same best text as a {fid['reference_dtype']} run: "
+              f"{'yes' if fid['same_best_text_as_reference_run'] else 'no'} ({fid['identical_candidates']}/{fid['k']} identical candidates); "
+              f"pick scored in {fid['reference_dtype']} {fid['best_score_in_reference']:.4f} vs its own best {fid['reference_run_best_score']:.4f}")
     if report.warm_start_s is not None:
         print(f"warm CLI start-to-answer: {report.warm_start_s:.2f} s")
     if report.cold_start_s is not None:

@@ -26,7 +26,7 @@ import torch
 
 from nla_space.errors import CheckpointError
 from nla_space.hub import load_state_dict
-from nla_space.io import atomic_write_json, atomic_write_text, save_tensors
+from nla_space.io import atomic_write_json, atomic_write_text, save_tensors, jsonl_lines
 from nla_space.scoring import anisotropy_mu
 
 SPLITS = ("train", "val", "test", "mu_pool")
@@ -128,7 +128,7 @@ def load_target_set(folder: str | Path) -> TargetSet:
     texts, ids, splits = [], [], []
     texts_path = folder / "texts.jsonl"
     try:
-        lines = texts_path.read_text(encoding="utf-8").splitlines()
+        lines = jsonl_lines(texts_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{texts_path}: cannot read ({exc})") from exc
     for lineno, line in enumerate(lines, 1):

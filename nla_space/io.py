@@ -38,6 +38,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text, split on ``\\n`` only.
+
+    ``str.splitlines`` also splits on U+2028, U+0085, form feeds and other separators that
+    ``json.dumps(..., ensure_ascii=False)`` writes raw inside strings, which cut a row in two.
+    Every JSONL reader in the project splits with this function."""
+    return text.split("\n")
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 

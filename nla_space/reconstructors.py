@@ -257,8 +257,12 @@ def open_reconstructor(
     where: str = "reconstructor",
     default_base: tuple[str, str | None] | None = None,
     share: tuple[str, str | None, Backbone, Any] | None = None,
+    explicit_dtype: str | None = None,
 ) -> Reconstructor:
     """Load the AR a card's ``reconstructor`` section names (see the module docstring for the kinds).
+
+    ``dtype`` is the card's backbone dtype (used on CUDA only), ``explicit_dtype`` the user's request
+    (see :func:`nla_space.backbone.resolve_dtype`).
 
     Kind ``compass`` gives a :class:`nla_space.compass.CompassScorer` instead (same ``supports`` /
     ``encode`` / ``target`` interface): nla-at-home's compass as the best-of-K scorer.
@@ -293,7 +297,7 @@ def open_reconstructor(
     peft_model = None
     adapter_name = None
     if kind == "value_head":
-        bb = load_backbone(str(folder), device=device, dtype=dtype)
+        bb = load_backbone(str(folder), device=device, dtype=explicit_dtype, default_dtype=dtype)
         if sidecar is not None and sidecar.extraction_layer_index is not None:
             block = sidecar.extraction_layer_index
         elif section.get("block") is not None:
@@ -322,7 +326,7 @@ def open_reconstructor(
                 for p in peft_model.parameters():
                     p.requires_grad_(False)
         else:
-            bb = load_backbone(base_id, revision=base_rev, device=device, dtype=dtype)
+            bb = load_backbone(base_id, revision=base_rev, device=device, dtype=explicit_dtype, default_dtype=dtype)
             peft_model = attach_lora(bb, folder)
         heads = None
         if kind == "lora_heads":

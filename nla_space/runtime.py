@@ -4,16 +4,17 @@ the app and the harness all walk (text → activation → K samples → re-encod
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import activations, policy
-from .backbone import Backbone, load_backbone
+from .backbone import Backbone, load_backbone, resolve_device, resolve_dtype
 from .cards import Card, find_card
 from .errors import CheckpointError, NLAInputError
 from .hub import load_state_dict, snapshot
@@ -24,18 +25,29 @@ from .verbalizers.prefix import PrefixAV, build_prefix_av, find_weights, load_ad
 
 log = logging.getLogger(__name__)
 
-_BACKBONES: dict[tuple[str, str | None, str], Backbone] = {}
+_BACKBONES: dict[tuple[str, str | None, str, str], Backbone] = {}
 _BACKBONES_LOCK = threading.Lock()
 
 ProgressFn = Callable[[float, str], None]
 
 
-def shared_backbone(spec: str, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> Backbone:
-    """Load a backbone once per process (cards on the same backbone share it)."""
-    key = (spec, revision, str(device))
+def shared_backbone(
+    spec: str,
+    revision: str | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    default_dtype: str | torch.dtype | None = None,
+) -> Backbone:
+    """Load a backbone once per process and compute dtype (cards on the same backbone share it).
+
+    ``dtype`` is an explicit request, ``default_dtype`` the card's (CUDA only): see
+    :func:`nla_space.backbone.resolve_dtype`. A float32 and a bfloat16 copy are distinct entries."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, default_dtype)
+    key = (spec, revision, str(dev), str(dt))
     with _BACKBONES_LOCK:
         if key not in _BACKBONES:
-            _BACKBONES[key] = load_backbone(spec, revision=revision, device=device, dtype=dtype)
+            _BACKBONES[key] = load_backbone(spec, revision=revision, device=dev, dtype=dt)
         return _BACKBONES[key]
 
 
@@ -83,6 +95,28 @@ class OpenCard:
     def layers(self) -> list[int]:
         return list(self.card.layers)
 
+    def with_dtype(self, dtype: str | torch.dtype) -> "OpenCard":
+        """The same card (same AV, μ, compass) on a copy of its backbone in ``dtype``.
+
+        A loaded backbone is re-read from its source (shared per process); an in-memory one
+        (:func:`nla_space.backbone.from_model`) is deep-copied and cast. Used to compare a float32
+        and a bfloat16 run on identical adapter weights (:func:`eval_harness.bench.dtype_fidelity`).
+        """
+        import copy
+
+        from .backbone import from_model
+
+        bb = self.backbone
+        dt = resolve_dtype(dtype, bb.device)
+        if dt == bb.dtype:
+            return self
+        if bb.source_path is not None:
+            twin = shared_backbone(bb.spec, bb.revision, str(bb.device), dt)
+        else:
+            model = copy.deepcopy(bb.model).to(dtype=dt)
+            twin = from_model(model, bb.tokenizer, spec=bb.spec)
+        return dataclasses.replace(self, backbone=twin)
+
     def check_layer(self, layer: int | None) -> int:
         layer = self.card.default_layer if layer is None else layer
         if layer not in self.card.layers:
@@ -117,6 +151,14 @@ class OpenCard:
     def extract(self, text: str, layer: int) -> torch.Tensor:
         """The activation (float32, (d,)) of ``text`` at ``layer`` (:func:`nla_space.activations.extract`)."""
         return activations.extract(self.backbone, text, layer)
+
+    def extract_layers(self, text: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The activations of ``text`` at several layers from one forward; each equals :meth:`extract`."""
+        return activations.extract_layers(self.backbone, text, layers)
+
+    def depth_pct(self, layer: int) -> int | None:
+        """The prompt depth the AV is told for ``layer``: a prefix AV is told none."""
+        return None
 
     def candidate_texts(self, roll: Rollout) -> list[str]:
         """Each row's valid tokens decoded without special tokens."""
@@ -170,6 +212,8 @@ class OpenCard:
         seed: int | None = None,
         progress: ProgressFn | None = None,
     ) -> policy.Verbalization:
+        """Verbalize ``text``'s activation at ``layer`` (default: the card's), or a raw ``vector``; a
+        ``vector`` given with its ``text`` is that text's activation, read already (the layer sweep)."""
         tau = self.card.default_tau if tau is None else tau
         max_new_tokens = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         policy.check_params(k, tau, temperature, max_new_tokens, seed)
@@ -197,18 +241,28 @@ class OpenCard:
         return lambda cands, v: opinion(self.compass, [c.text for c in cands], v, layer, self.compass_tau)
 
 
-def open_card(card: str | Card | None = None, backbone: str | None = None, device: str | None = None, revision: str | None = None) -> OpenCard:
-    """Open a card: resolve it, load (or share) its backbone, build and load its AV, read its μ."""
+def open_card(
+    card: str | Card | None = None,
+    backbone: str | None = None,
+    device: str | None = None,
+    revision: str | None = None,
+    dtype: str | None = None,
+) -> OpenCard:
+    """Open a card: resolve it, load (or share) its backbone, build and load its AV, read its μ.
+
+    ``dtype`` is the user's explicit compute dtype (``--dtype``/``NLA_CPU_DTYPE``); without it the
+    backbone runs in float32 on CPU and in the card's ``backbone.dtype`` on CUDA. The AV stays
+    float32 and casts its output to the backbone dtype; scores are float32 either way."""
     card = card if isinstance(card, Card) else find_card(card)
     if card.kind == "injection":
         from .verbalizers.injection import open_injection_card
 
-        return open_injection_card(card, backbone=backbone, device=device, revision=revision)  # type: ignore[return-value]
+        return open_injection_card(card, backbone=backbone, device=device, revision=revision, dtype=dtype)  # type: ignore[return-value]
     if card.kind != "prefix":
         raise NLAInputError(f"card {card.id}: kind {card.kind!r} is not supported by this version")
     bb_spec = backbone or card.backbone_id
     bb_rev = revision if backbone else card.backbone.get("revision")
-    bb = shared_backbone(bb_spec, bb_rev, device, card.backbone.get("dtype"))
+    bb = shared_backbone(bb_spec, bb_rev, device, dtype, default_dtype=card.backbone.get("dtype"))
     folder = _card_files(card)
     notes: list[str] = []
     weights = find_weights(folder) if folder is not None else None

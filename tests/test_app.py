@@ -178,6 +178,15 @@ def test_api_returns_the_cli_json_contract(client) -> None:
         assert out[key] == pytest.approx(direct[key]) if isinstance(direct[key], float) else out[key] == direct[key], key
 
 
+@pytest.mark.e2e
+def test_sweep_api_returns_the_cli_sweep_contract(client) -> None:
+    named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert [p["parameter_name"] for p in named["/sweep"]["parameters"]] == ["text", "card", "k", "tau", "temperature", "seed"]
+    out = client.predict(TEXT, k=2, seed=0, api_name="/sweep")  # the embedded card has one layer: one entry
+    assert list(out) == ["sweep"] and [e["layer"] for e in out["sweep"]] == [21]
+    assert CONTRACT_KEYS | {"depth_pct"} <= set(out["sweep"][0]) and out["sweep"][0]["depth_pct"] is None
+
+
 BAD_INPUTS = [
     (dict(text=""), "empty"),
     (dict(text="word " * 2000), "characters long"),

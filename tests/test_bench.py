@@ -63,3 +63,48 @@ def test_stop_sequences_end_rows_and_mask_through_the_sequence(tmp_path):
         row = free.ids[r].tolist()
         hits = [t for t in range(1, 10) if row[t - 1 : t + 1] == seq]
         assert int(roll.mask[r].sum()) == (hits[0] + 1 if hits else roll.ids.shape[1])
+
+
+def test_bench_bfloat16_rows_name_dtypes_and_report_fidelity(tmp_path, capsys):
+    bb_dir = tiny.save_backbone(tmp_path / "bb", "llama")
+    card_dir = tiny.make_card_folder(tmp_path / "card", bb_dir, layer=2)
+    out = tmp_path / "bench.json"
+    common = ["bench", "--card", card_dir, "--backbone", bb_dir, "--device", "cpu", "--k", "1,3", "--tokens", "4",
+              "--start", "none", "--threads", "1"]
+    assert tiny.run_harness([*common, "--dtype", "bfloat16", "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "project path in bfloat16, plain recipe in float32" in text and "bfloat16 fidelity vs float32" in text
+    data = json.loads(out.read_text())
+    for key in ("card", "device", "threads", "matmul_gflops", "cold_start_s", "warm_start_s", "rows"):
+        assert key in data  # the existing keys stay
+    assert data["project_dtype"] == "bfloat16" and data["plain_dtype"] == "float32"
+    assert set(data["matmul_gflops_by_dtype"]) == {"bfloat16", "float32"}
+    assert data["matmul_gflops"] == data["matmul_gflops_by_dtype"]["bfloat16"]
+    for r in data["rows"]:
+        assert r["project_dtype"] == "bfloat16" and r["plain_dtype"] == "float32"
+        assert r["flop_bound_s"] > 0 and r["plain_flop_bound_s"] > 0
+        # each path bounded at its own dtype's throughput (same FLOPs)
+        ratio = r["plain_flop_bound_s"] / r["flop_bound_s"]
+        assert abs(ratio - data["matmul_gflops_by_dtype"]["bfloat16"] / data["matmul_gflops_by_dtype"]["float32"]) < 0.01 * ratio
+        assert abs(r["plain_fraction_of_flop_bound"] - round(r["plain_flop_bound_s"] / r["plain_s"], 3)) < 1e-9
+    fid = data["bf16_fidelity"]
+    assert fid["dtype"] == "bfloat16" and fid["reference_dtype"] == "float32" and fid["k"] == 3
+    assert 0 <= fid["mean_abs_delta_score"] < 0.02 and isinstance(fid["same_best_pick"], bool)
+
+    # Like for like: the plain recipe in bfloat16 too.
+    assert tiny.run_harness([*common, "--dtype", "bfloat16", "--plain-dtype", "bfloat16", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["plain_dtype"] == "bfloat16" and list(data["matmul_gflops_by_dtype"]) == ["bfloat16"]
+    assert all(r["plain_dtype"] == "bfloat16" for r in data["rows"])
+
+    # Default: float32 on both paths, no fidelity block.
+    assert tiny.run_harness([*common, "--k", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["project_dtype"], data["plain_dtype"]) == ("float32", "float32") and "bf16_fidelity" not in data
+
+
+def test_bench_bad_dtype_exits_2_with_one_line(tmp_path, capsys):
+    for flag in ("--dtype", "--plain-dtype"):
+        assert tiny.run_harness(["bench", "--card", tmp_path, flag, "float16", "--start", "none"]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert err == [f"error: {flag} must be float32 or bfloat16, got 'float16'"]

@@ -158,3 +158,20 @@ def test_shipped_card_file_opens_from_cache(hub_cache, tmp_path):
     torch.testing.assert_close(oc.av.proj.weight, W)
     res = oc.verbalize(text="the eiffel tower is in paris", k=3, seed=0, max_new_tokens=5)
     assert res.layer == 20 and res.tau == card.default_tau and res.centered is False and len(res.candidates) == 3
+
+
+def test_embedded_backbone_with_missing_chunk_package_says_how_to_install(tmp_path, monkeypatch):
+    """A chunked embedded backbone installed with --no-deps fails to import its chunk packages:
+    the error names the backbone and the pip command, not a bare ModuleNotFoundError."""
+    from nla_space import backbone as bmod
+    from nla_space.errors import NLAInputError
+
+    pkg = tmp_path / "fake_chunked_gguf"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import fake_chunked_gguf_part1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(bmod.EMBEDDED_BACKBONES, "fake-chunked",
+                        {"package": "fake_chunked_gguf", "assemble": "assemble", "pip": "pip install fake-chunked-gguf"})
+    monkeypatch.setenv("NLA_SPACE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(NLAInputError, match=r"fake-chunked.*incomplete.*pip install fake-chunked-gguf"):
+        bmod.embedded_gguf_path("fake-chunked")

@@ -109,3 +109,24 @@ def test_cli_targets(tmp_path):
     meta = json.loads((tmp_path / "t" / "meta.json").read_text())
     assert meta["layer"] == 2 and meta["n"] == 24 and meta["sampling"]["eos_search"] == "generated positions only"
     assert main(["targets", "--backbone", str(folder), "--layer", "9", "--n", "24", "--out", str(tmp_path / "u")]) == 2
+
+
+#: Characters that ``json.dumps(ensure_ascii=False)`` writes raw and ``str.splitlines`` treats as line ends.
+LINE_SEPARATORS = "a\u2028b\u2029c\x85d\x0ce\x1cf\x1dg\x1eh\x0bi\rj"
+
+
+def test_texts_with_unicode_line_separators_round_trip(tmp_path):
+    """A sampled text may hold U+2028 and friends (Gemma-3-270M produced one): shards and the final
+    texts.jsonl must read back row for row (a `splitlines` reader cut such a row in two)."""
+    from eval_harness.dataset import write_target_set
+    from eval_harness.targets import _read_shard, _write_shard
+
+    texts = [LINE_SEPARATORS, "plain", "x\u2028"]
+    ids = [[1, 2], [3], [4, 5, 6]]
+    v = torch.randn(3, 4)
+    _write_shard(tmp_path / "s", 0, v, ids, texts)
+    v2, ids2, texts2 = _read_shard(tmp_path / "s", 0)
+    assert texts2 == texts and ids2 == ids and torch.equal(v2, v)
+    write_target_set(tmp_path / "t", v, texts, ids, ["train", "val", "test"], {"layer": 1})
+    ts = load_target_set(tmp_path / "t")
+    assert ts.texts == texts and ts.token_ids == ids and ts.splits == ["train", "val", "test"]

@@ -6,7 +6,7 @@ the default card(s) at module level (as ZeroGPU wants). See docs/app.md.
 
 from __future__ import annotations
 
-from .app import api_verbalize, build_demo, launch_kwargs
+from .app import api_sweep, api_verbalize, build_demo, launch_kwargs
 from .engine import preload
 
-__all__ = ["api_verbalize", "build_demo", "launch_kwargs", "preload"]
+__all__ = ["api_sweep", "api_verbalize", "build_demo", "launch_kwargs", "preload"]

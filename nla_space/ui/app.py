@@ -1,4 +1,4 @@
-"""Build the Gradio Blocks: Verbalize, Compare, Leaderboard and About tabs, plus the ``/verbalize`` API.
+"""Build the Gradio Blocks: Verbalize, Compare, Leaderboard and About tabs, plus the ``/verbalize`` and ``/sweep`` APIs.
 
 ``build_demo()`` returns a queued Blocks; ``launch_kwargs()`` carries what Gradio 6 takes at launch
 (theme, CSS, the presentation-mode script, host and port from ``GRADIO_SERVER_NAME`` /
@@ -46,6 +46,30 @@ def api_verbalize(
     return result
 
 
+def api_sweep(
+    text: str,
+    card: str = "embedded",
+    k: int = 16,
+    tau: float | None = None,
+    temperature: float = 1.0,
+    seed: int | None = 0,
+) -> dict[str, Any]:
+    """Verbalize `text` at every layer of the card with the same K, seed and τ (the layer sweep).
+
+    Args:
+        text: the text whose last-token activation is verbalized at each layer.
+        card: card id or alias (default: the embedded SmolLM2-135M card); a single-layer card gives one entry.
+        k: number of candidates sampled and scored per layer.
+        tau: hedging threshold in [0, 1]; default: the card's.
+        temperature: sampling temperature.
+        seed: random seed, the same at every layer (null: a fresh one).
+
+    Returns the same JSON object as `python -m nla_space verbalize --layer all --json`:
+    `{"sweep": [...]}`, one `/verbalize` object (plus `depth_pct`) per layer, in ascending layer order.
+    """
+    return {"sweep": handlers.sweep_checked(text=text, card=card, k=k, tau=tau, temperature=temperature, seed=seed)}
+
+
 def _on_load(request: gr.Request) -> tuple[Any, Any]:
     """Presentation mode from the URL (``?present=1``): hide the chrome (intro, footer via CSS)."""
     params = dict(request.query_params) if request is not None else {}
@@ -76,6 +100,7 @@ def build_demo(concurrency: int | None = None, max_queue: int | None = None) -> 
             with gr.Tab("About", id="about"):
                 about_tab.build()
         gr.api(api_verbalize, api_name="verbalize", concurrency_id="model", concurrency_limit=concurrency)
+        gr.api(api_sweep, api_name="sweep", concurrency_id="model", concurrency_limit=concurrency)
         demo.load(_on_load, None, [intro, present], queue=False, api_visibility="private")
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     return demo
@@ -101,4 +126,4 @@ def launch_kwargs(**overrides: Any) -> dict[str, Any]:
     return kw
 
 
-__all__ = ["build_demo", "launch_kwargs", "api_verbalize", "engine"]
+__all__ = ["build_demo", "launch_kwargs", "api_verbalize", "api_sweep", "engine"]

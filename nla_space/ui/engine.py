@@ -100,11 +100,13 @@ def get_open(name: str | None) -> Any:
     with _OPEN_LOCK:
         if card.id in _OPEN:
             return _OPEN[card.id]
+        from ..backbone import requested_dtype
         from ..runtime import open_card
 
         t0 = time.perf_counter()
         try:
-            oc = open_card(card, device=default_device())
+            device = default_device()
+            oc = open_card(card, device=device, dtype=requested_dtype(None, device))  # NLA_CPU_DTYPE on CPU
         except NLAInputError as exc:
             _FAILED[card.id] = str(exc)
             raise
@@ -203,12 +205,46 @@ def check_request(
 # The GPU function
 
 
+def _rollout_seconds(k: int, greedy: bool, max_new_tokens: int | None) -> int:
+    """Estimated seconds of sampling and scoring for one layer, grown with K and the rollout length."""
+    n = 1 if greedy else int(k)
+    max_new_tokens = APP_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    return math.ceil(n * max_new_tokens / 64)
+
+
 def gpu_seconds(card_id: str, text: str, layer: int | None, k: int, tau: float | None, temperature: float,
                 seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, progress: Any = None) -> int:
     """ZeroGPU reservation for one request, sized by K (same signature as :func:`run_verbalize`)."""
-    n = 1 if greedy else int(k)
-    max_new_tokens = APP_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-    return int(min(MAX_GPU_SECONDS, 15 + math.ceil(n * max_new_tokens / 64)))
+    return int(min(MAX_GPU_SECONDS, 15 + _rollout_seconds(k, greedy, max_new_tokens)))
+
+
+def sweep_gpu_seconds(card_id: str, text: str, layers: list[int] | None, k: int, tau: float | None, temperature: float,
+                      seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, progress: Any = None) -> int:
+    """ZeroGPU reservation for a layer sweep: one layer's share times the layers swept (same signature as
+    :func:`run_sweep`), clamped like :func:`gpu_seconds`."""
+    try:
+        n_layers = len(layers) if layers else len(find_card(card_id).layers)
+    except NLAInputError:
+        n_layers = 1
+    return int(min(MAX_GPU_SECONDS, 15 + n_layers * _rollout_seconds(k, greedy, max_new_tokens)))
+
+
+def _opened_with_length(card_id: str, max_new_tokens: int | None) -> tuple[Any, int]:
+    """The opened card and the rollout length: the request's, else the card's capped at APP_MAX_NEW_TOKENS.
+
+    Opened in the main process before the call; a reused ZeroGPU worker forked earlier may lack a
+    card opened since, so it is opened here in that case."""
+    oc = _OPEN.get(card_id) or get_open(card_id)
+    return oc, (min(APP_MAX_NEW_TOKENS, oc.default_max_new_tokens) if max_new_tokens is None else max_new_tokens)
+
+
+def _progress_fn(progress: Any) -> Callable[[float, str], None]:
+    """The library's ``progress(frac, message)`` relayed to a ``gr.Progress`` (or nowhere)."""
+    def step(frac: float, msg: str) -> None:
+        if progress is not None:
+            progress(frac, desc=msg)
+
+    return step
 
 
 def token_heat(oc: Any, text: str, layer: int) -> list[tuple[str, float]]:
@@ -240,19 +276,27 @@ def run_verbalize(card_id: str, text: str, layer: int | None, k: int, tau: float
     "heat": [(token, value), ...]}``, or ``{"error": message}`` for a user error (so that on ZeroGPU the
     message survives the trip back from the worker process instead of becoming "ZeroGPU worker error")."""
     try:
-        # Opened in the main process before the call; a reused ZeroGPU worker forked earlier may lack a
-        # card opened since, so open it here in that case.
-        oc = _OPEN.get(card_id) or get_open(card_id)
-        if max_new_tokens is None:
-            max_new_tokens = min(APP_MAX_NEW_TOKENS, oc.default_max_new_tokens)
-
-        def step(frac: float, msg: str) -> None:
-            if progress is not None:
-                progress(frac, desc=msg)
-
+        oc, max_new_tokens = _opened_with_length(card_id, max_new_tokens)
         res = oc.verbalize(text=text, layer=layer, k=k, tau=tau, temperature=temperature,
-                           max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, progress=step)
+                           max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, progress=_progress_fn(progress))
         return {"result": res.to_dict(), "heat": token_heat(oc, text, res.layer)}
+    except NLAInputError as exc:
+        return {"error": str(exc)}
+
+
+@gpu(duration=sweep_gpu_seconds)
+def run_sweep(card_id: str, text: str, layers: list[int] | None, k: int, tau: float | None, temperature: float,
+              seed: int | None, greedy: bool = False, max_new_tokens: int | None = None,
+              progress: Any = None) -> dict[str, Any]:
+    """The layer sweep (:func:`nla_space.sweep.sweep`) on the card's device, as :func:`run_verbalize`
+    does one layer: ``{"sweep": [LayerResult.to_dict(), ...]}`` or ``{"error": message}``."""
+    from ..sweep import sweep
+
+    try:
+        oc, max_new_tokens = _opened_with_length(card_id, max_new_tokens)
+        results = sweep(oc, text, layers, k=k, tau=tau, temperature=temperature, max_new_tokens=max_new_tokens,
+                        greedy=greedy, seed=seed, progress=_progress_fn(progress))
+        return {"sweep": [r.to_dict() for r in results]}
     except NLAInputError as exc:
         return {"error": str(exc)}
 
@@ -265,6 +309,25 @@ def verbalize(req: Request, progress: Callable[..., Any] | None = None) -> tuple
     if "error" in out:
         raise NLAInputError(out["error"])
     return out["result"], out["heat"]
+
+
+def check_several_layers(card: str) -> None:
+    """Refuse a card with a single layer (the app offers the sweep only for cards with several)."""
+    layers = find_card(card).layers
+    if len(layers) < 2:
+        raise NLAInputError(f"card {card} has a single layer ({layers[0]}): the layer sweep needs a card with several layers; "
+                            "use Verbalize instead")
+
+
+def sweep(req: Request, progress: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
+    """Open the card in the main process (once), then sweep all its layers on the GPU function; user errors
+    raise NLAInputError. ``req.layer`` is not used: every card layer is swept."""
+    get_open(req.card)
+    out = run_sweep(req.card, req.text, None, req.k, req.tau, req.temperature, req.seed, req.greedy,
+                    req.max_new_tokens, progress=progress)
+    if "error" in out:
+        raise NLAInputError(out["error"])
+    return out["sweep"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import gradio as gr
 
@@ -14,21 +14,58 @@ from . import engine, views
 log = logging.getLogger(__name__)
 
 
-def run_checked(progress: Any = None, **params: Any) -> tuple[dict[str, Any], list[tuple[str, float]]]:
-    """Check and run one request. User errors become a visible ``gr.Error``; so do unexpected ones
-    (logged with their traceback), so a failing request never takes the app down."""
+T = TypeVar("T")
+
+
+def _guarded(call: Callable[[], T], title: str, what: str) -> T:
+    """Run one request. User errors become a visible ``gr.Error`` titled ``title``; so do unexpected
+    ones (logged with their traceback), so a failing request never takes the app down."""
     try:
-        req = engine.check_request(**params)
-        return engine.verbalize(req, progress=progress)
+        return call()
     except NLAInputError as exc:
-        log.info("refused a request: %s", exc)
-        raise gr.Error(str(exc), title="Cannot verbalize", print_exception=False) from None
+        log.info("refused a %s request: %s", what, exc)
+        raise gr.Error(str(exc), title=title, print_exception=False) from None
     except gr.Error:
         raise
     except Exception as exc:  # a bug or an out-of-memory: keep serving the others
-        log.exception("verbalize failed")
+        log.exception("%s failed", what)
         raise gr.Error(f"internal error ({type(exc).__name__}: {exc}); the app is still running, try again",
                        title="Internal error", print_exception=False) from None
+
+
+def run_checked(progress: Any = None, **params: Any) -> tuple[dict[str, Any], list[tuple[str, float]]]:
+    """Check and run one request (errors as :func:`_guarded` says)."""
+    return _guarded(lambda: engine.verbalize(engine.check_request(**params), progress=progress), "Cannot verbalize", "verbalize")
+
+
+def sweep_checked(progress: Any = None, several_layers: bool = False, **params: Any) -> list[dict[str, Any]]:
+    """Check and run a layer sweep of every card layer (``params`` as :func:`engine.check_request`;
+    ``layer`` is not used). ``several_layers``: refuse a single-layer card (the Verbalize tab's button)."""
+    def call() -> list[dict[str, Any]]:
+        req = engine.check_request(**params)
+        if several_layers:
+            engine.check_several_layers(req.card)
+        return engine.sweep(req, progress=progress)
+
+    return _guarded(call, "Cannot sweep the layers", "sweep")
+
+
+def sweep_ui(text: str, card: str, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
+             progress: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """The Verbalize tab's "Sweep all layers" button: the per-layer table, the score-vs-layer plot and
+    the sweep JSON. A single-layer card is refused with a visible message (the button is hidden for it)."""
+    results = sweep_checked(progress=progress, several_layers=True, text=text, card=card, k=k, tau=tau,
+                            temperature=temperature, seed=seed, greedy=greedy)
+    return views.sweep_frame(results), views.sweep_plot(results), {"sweep": results}
+
+
+def sweep_visibility(card_id: str) -> Any:
+    """Show the sweep (button and results) only for a card with several layers."""
+    try:
+        several = len(find_card(card_id).layers) > 1
+    except NLAInputError:
+        several = False
+    return gr.update(visible=several)
 
 
 def card_changed(card_id: str) -> tuple[Any, Any]:

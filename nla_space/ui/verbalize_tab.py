@@ -54,8 +54,10 @@ def build(concurrency: int) -> dict[str, Any]:
                               placeholder="Type a sentence; its activation at the read position is verbalized.",
                               max_length=engine.MAX_TEXT_CHARS)
             s = settings("")
+            several = len(find_card(engine.default_card_id()).layers) > 1
             with gr.Row():
                 run = gr.Button("Verbalize", variant="primary", elem_id="run")
+                sweep = gr.Button("Sweep all layers", variant="secondary", elem_id="sweep", visible=several)
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
             examples = load_examples()
             if examples:
@@ -84,6 +86,19 @@ def build(concurrency: int) -> dict[str, Any]:
         download = gr.File(label="Download the result (JSON)", elem_id="download", interactive=False)
     with gr.Accordion("Result JSON (same object as `python -m nla_space verbalize --json`)", open=False):
         raw = gr.JSON(elem_id="result-json")
+    with gr.Column(visible=several, elem_id="sweep-box") as sweep_box:
+        gr.Markdown("### Layer sweep\nThe same text, K, seed, τ and rollout length at every layer of the card "
+                    "(the activation is read once); one best verbalization per layer.")
+        with gr.Row():
+            with gr.Column(scale=6):
+                sweep_table = gr.Dataframe(headers=views.SWEEP_COLUMNS, label="Best verbalization per layer",
+                                           elem_id="sweep-table", wrap=True, interactive=False, max_height=420,
+                                           column_widths=["8%", "9%", "59%", "10%", "14%"],
+                                           datatype=["number", "number", "str", "number", "str"])
+            with gr.Column(scale=5):
+                sweep_plot = gr.Plot(label="Best score per layer and τ", show_label=False, elem_id="sweep-plot")
+        with gr.Accordion("Sweep JSON (same object as `python -m nla_space verbalize --layer all --json`)", open=False):
+            sweep_raw = gr.JSON(elem_id="sweep-json")
 
     def on_run(text: str, card: str, layer: Any, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
                progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
@@ -97,5 +112,19 @@ def build(concurrency: int) -> dict[str, Any]:
                    api_visibility="undocumented", api_name="verbalize_ui", show_progress="full")
     ev2 = text.submit(on_run, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,
                       api_visibility="private", show_progress="full")
-    stop.click(None, None, None, cancels=[ev, ev2], queue=False, api_visibility="private")
-    return {"text": text, "run": run, "best": best, **s}
+
+    def on_sweep(text: str, card: str, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
+                 progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+        return handlers.sweep_ui(text, card, k, tau, temperature, seed, greedy, progress=progress)
+
+    sweep_inputs = [text, s["card"], s["k"], s["tau"], s["temperature"], s["seed"], s["greedy"]]
+    ev3 = sweep.click(on_sweep, sweep_inputs, [sweep_table, sweep_plot, sweep_raw], concurrency_id="model",
+                      concurrency_limit=concurrency, api_visibility="undocumented", api_name="sweep_ui", show_progress="full")
+
+    def on_card(card: str) -> tuple[Any, Any]:
+        shown = handlers.sweep_visibility(card)
+        return shown, shown
+
+    s["card"].change(on_card, s["card"], [sweep, sweep_box], queue=False, api_visibility="private")
+    stop.click(None, None, None, cancels=[ev, ev2, ev3], queue=False, api_visibility="private")
+    return {"text": text, "run": run, "sweep": sweep, "best": best, **s}

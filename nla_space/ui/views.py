@@ -142,6 +142,48 @@ def score_plot(result: dict[str, Any], card: Card | None = None) -> Any:
     return fig
 
 
+SWEEP_COLUMNS = ["layer", "depth %", "best verbalization", "score", "decision"]
+
+
+def sweep_frame(results: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per swept layer (``LayerResult.to_dict()`` objects, in sweep order)."""
+    rows = [{
+        "layer": r["layer"],
+        "depth %": r.get("depth_pct"),
+        "best verbalization": best_text(r),
+        "score": round(float(r["score"]), 4),
+        "decision": "hedged" if r["hedged"] else "confident",
+    } for r in results]
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
+
+
+def sweep_plot(results: list[dict[str, Any]]) -> Any:
+    """A matplotlib Figure: the best score at each swept layer (by layer), hedged points in red, the τ line."""
+    from matplotlib.figure import Figure
+
+    pts = sorted(results, key=lambda r: r["layer"])
+    xs = [int(r["layer"]) for r in pts]
+    ys = [float(r["score"]) for r in pts]
+    tau = float(results[0]["tau"])
+    fig = Figure(figsize=(7.5, 3.0), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(xs, ys, color="#a5b4fc", linewidth=1.5, zorder=1)
+    ax.scatter(xs, ys, c=["#dc2626" if r["hedged"] else "#4f46e5" for r in pts], zorder=2, s=36)
+    ax.axhline(tau, color="#dc2626", linestyle="--", linewidth=1.5, label=f"τ = {tau:.2f}")
+    ax.set_ylim(max(0.0, min(0.5, min(ys + [tau]) - 0.05)), 1.0)
+    ax.set_xticks(xs)
+    if any(r.get("depth_pct") is not None for r in pts):
+        ax.set_xticklabels([f"{r['layer']}\n{r['depth_pct']}%" if r.get("depth_pct") is not None else str(r["layer"]) for r in pts])
+        ax.set_xlabel("layer (hidden_states index) and the prompt's depth")
+    else:
+        ax.set_xlabel("layer (hidden_states index)")
+    ax.set_ylabel(f"best fve_nrm ({score_kind(results[0])})")
+    ax.set_title(f"best-of-{results[0]['k']} score per layer (red = hedged, under τ)", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
 def best_text(result: dict[str, Any]) -> str:
     text = result["best"]["text"]
     return text if text.strip() else "(empty: the chosen candidate is whitespace or EOS only)"

@@ -58,7 +58,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -522,16 +522,29 @@ class OpenInjectionCard:
             raise NLAInputError("the vector contains NaN or infinite values")
         return v
 
-    @torch.inference_mode()
     def extract(self, text: str, layer: int) -> torch.Tensor:
         """The activation (float32, (d,)) of ``text`` at ``layer``, from the base model (adapter off)."""
+        return self._extract(text, [layer])[layer]
+
+    def extract_layers(self, text: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The activations of ``text`` at several layers from one base-model forward; each equals
+        :meth:`extract` (held under the card's lock: the adapter switch is model state)."""
+        with self._lock:
+            return self._extract(text, layers)
+
+    def depth_pct(self, layer: int) -> int | None:
+        """The prompt depth (%) the AV is told for ``layer``, or None when the card's prompt has none."""
+        return self.av.depth_pct(layer)
+
+    @torch.inference_mode()
+    def _extract(self, text: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         bb = self.backbone
         ids = torch.tensor([input_ids_for_text(bb.tokenizer, self.av.spec, text)], device=bb.device)
         mask = torch.ones_like(ids)
         ctx = self.av.adapter_off() if bb is self.av.backbone else contextlib.nullcontext()
         with ctx:
-            hidden = activations.hidden_at_layer(bb, layer, input_ids=ids, attention_mask=mask)
-        return activations.read_last_valid(hidden, mask)[0].float().cpu()
+            hidden = activations.hidden_at_layers(bb, layers, input_ids=ids, attention_mask=mask)
+        return {ell: activations.read_last_valid(h, mask)[0].float().cpu() for ell, h in hidden.items()}
 
     def rollout(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, greedy: bool, seed: int | None, layer: int) -> Rollout:
         """K candidates for ``v`` (one greedy when ``greedy``) in one batched call. A row stops at the
@@ -596,12 +609,14 @@ class OpenInjectionCard:
         seed: int | None = None,
         progress: ProgressFn | None = None,
     ) -> policy.Verbalization:
+        """As :meth:`nla_space.runtime.OpenCard.verbalize`; ``text`` with ``vector`` means ``vector`` is
+        the text's activation, read already (:func:`nla_space.sweep.sweep`), and the text only adds notes."""
         tau = self.card.default_tau if tau is None else tau
         max_new_tokens = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         policy.check_params(k, tau, temperature, max_new_tokens, seed)
         layer = self.check_layer(layer)
         notes = list(self.notes)
-        if text is not None and vector is None and self.av.spec.input_min_position:
+        if text is not None and self.av.spec.input_min_position:  # with a vector too: the text it was read from
             n_tok = len(input_ids_for_text(self.backbone.tokenizer, self.av.spec, text))
             if n_tok - 1 < self.av.spec.input_min_position:
                 notes.append(f"read position {n_tok - 1} < {self.av.spec.input_min_position}: the AV was trained on later positions (out of distribution)")
@@ -642,8 +657,13 @@ def _load_mu(section: dict[str, Any], folder: Path | None, layer: int, d: int) -
     return mu
 
 
-def open_injection_card(card: Card, backbone: str | None = None, device: str | None = None, revision: str | None = None) -> OpenInjectionCard:
+def open_injection_card(
+    card: Card, backbone: str | None = None, device: str | None = None, revision: str | None = None, dtype: str | None = None
+) -> OpenInjectionCard:
     """Open an ``injection`` card: base model, AV (LoRA on the base, or a full fine-tune), sidecar, AR.
+
+    ``dtype`` is the user's explicit compute dtype; without it CPU runs float32 and CUDA the card's
+    ``backbone.dtype`` (:func:`nla_space.backbone.resolve_dtype`).
 
     The card's ``av.format`` is ``peft_lora`` (the adapter is attached to a private copy of the base
     model, so it never leaks into a shared backbone) or ``full`` (the AV is its own model; the base
@@ -656,22 +676,22 @@ def open_injection_card(card: Card, backbone: str | None = None, device: str | N
         raise CheckpointError(f"card {card.id}: kind 'injection' needs an 'injection' section")
     bb_spec = backbone or card.backbone_id
     bb_rev = revision if backbone else card.backbone.get("revision")
-    dtype = card.backbone.get("dtype")
+    card_dtype = card.backbone.get("dtype")
     fmt = card.av.get("format", "peft_lora")
     notes: list[str] = []
     base_loader = None
     if fmt == "peft_lora":
         folder = section_files(card.av, ADAPTER_PATTERNS, f"card {card.id} AV")
-        av_bb = load_backbone(bb_spec, revision=bb_rev, device=device, dtype=dtype)
+        av_bb = load_backbone(bb_spec, revision=bb_rev, device=device, dtype=dtype, default_dtype=card_dtype)
         peft_model = attach_lora(av_bb, folder)
         trained_on = peft_model.peft_config["default"].base_model_name_or_path
         if trained_on and trained_on != bb_spec and not Path(bb_spec).is_dir():
             notes.append(f"the adapter names {trained_on} as its base; running on {bb_spec}")
     elif fmt == "full":
         folder = section_files(card.av, FULL_PATTERNS, f"card {card.id} AV")
-        av_bb = load_backbone(str(folder), device=device, dtype=dtype)
+        av_bb = load_backbone(str(folder), device=device, dtype=dtype, default_dtype=card_dtype)
         peft_model = None
-        base_loader = lambda: shared_backbone(bb_spec, bb_rev, device, dtype)  # noqa: E731
+        base_loader = lambda: shared_backbone(bb_spec, bb_rev, device, dtype, default_dtype=card_dtype)  # noqa: E731
     else:
         raise CheckpointError(f"card {card.id}: av.format must be 'peft_lora' or 'full', got {fmt!r}")
     sidecar = load_sidecar(folder)
@@ -688,7 +708,8 @@ def open_injection_card(card: Card, backbone: str | None = None, device: str | N
     if not card.reconstructor:
         raise CheckpointError(f"card {card.id}: an injection card needs a 'reconstructor' section to score candidates")
     share = (bb_spec, bb_rev, av_bb, peft_model) if peft_model is not None else None
-    ar = open_reconstructor(card.reconstructor, device=device, dtype=dtype, where=f"card {card.id}", default_base=(bb_spec, bb_rev), share=share)
+    ar = open_reconstructor(card.reconstructor, device=device, dtype=card_dtype, where=f"card {card.id}", default_base=(bb_spec, bb_rev),
+                            share=share, explicit_dtype=dtype)
     missing = [ell for ell in card.layers if not ar.supports(ell)]
     if missing:
         raise CheckpointError(f"card {card.id}: the reconstructor has no head for layer(s) {missing}")
