@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 from nla_space.backbone import load_backbone
+from nla_space.verbalizers.injection import INJECTION_RULES
 
 from .injection_targets import load_injection_targets
 from .train_av_lora import AVTrainConfig, train_av
@@ -28,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     p.add_argument("--target-modules", default=d.target_modules, help="comma list of module names, or all-linear")
-    p.add_argument("--rule", choices=("normalize", "multiply"), default=d.rule)
+    p.add_argument("--rule", choices=INJECTION_RULES, default=d.rule,
+                   help="center_normalize: inject (v − μ_ℓ) at the scale (for backbones whose activations share one direction)")
     p.add_argument("--injection-scale", type=float, default=None, help="default: the target set's suggested scale")
     p.add_argument("--marker", default=d.marker, help="preferred marker (another single-token char is used if it is not one token)")
     p.add_argument("--max-target-len", type=int, default=d.max_target_len)

@@ -48,7 +48,7 @@ from nla_space.hub import load_state_dict
 from nla_space.io import atomic_write, atomic_write_json, atomic_write_text, save_tensors
 from nla_space.reconstructors import AR_TEMPLATE
 from nla_space.sidecar import SIDECAR_NAME, Sidecar
-from nla_space.verbalizers.injection import InjectionAV, encode, prompt_ids, resolve_spec
+from nla_space.verbalizers.injection import INJECT_MU_FILE, InjectionAV, encode, prompt_ids, resolve_spec
 
 from .injection_targets import TEMPLATE_CARD, InjectionTargets, template_section
 from .loop import LoopSettings, SupervisedStep, append_log, claim_out, epoch_schedule, run_steps, start_clock, trim_log
@@ -126,7 +126,7 @@ def make_sidecar(backbone: Backbone, marker: str, rule: str, scale: float, depth
     return {
         "kind": "nla_model", "schema_version": 2, "role": "av", "variant": "universal", "stage": training.get("stage", "sft"),
         "d_model": backbone.hidden_size, "n_layers": backbone.num_layers,
-        "extraction": {"injection_scale": float(scale)},
+        "extraction": {"injection_scale": float(scale), **({"inject_mu_file": INJECT_MU_FILE} if rule == "center_normalize" else {})},
         "tokens": {"injection_char": marker, "injection_token_id": int(mid[0]),
                    "injection_left_neighbor_id": int(ids[p - 1]), "injection_right_neighbor_id": int(ids[p + 1])},
         "prompt_templates": {"av": section["template"], "ar": AR_TEMPLATE},
@@ -139,10 +139,14 @@ def write_sidecar(folder: Path, data: dict[str, Any]) -> None:
     atomic_write_text(Path(folder) / SIDECAR_NAME, yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
 
 
-def make_av(backbone: Backbone, sidecar: dict[str, Any], peft_model: Any = None) -> InjectionAV:
-    """The :class:`InjectionAV` the card loader would build from this sidecar (same spec merge)."""
+def make_av(backbone: Backbone, sidecar: dict[str, Any], peft_model: Any = None,
+            inject_mu: dict[int, torch.Tensor] | None = None) -> InjectionAV:
+    """The :class:`InjectionAV` the card loader would build from this sidecar (same spec merge);
+    ``inject_mu`` is the per-layer μ of the ``center_normalize`` rule."""
     spec = resolve_spec(template_section(), Sidecar.from_dict(sidecar, "<training sidecar>"), "training")
-    return InjectionAV(backbone=backbone, spec=spec, peft_model=peft_model)
+    if spec.rule == "center_normalize" and not inject_mu:
+        raise NLAInputError("the center_normalize rule needs the per-layer μ of the target set")
+    return InjectionAV(backbone=backbone, spec=spec, peft_model=peft_model, inject_mu=inject_mu)
 
 
 def add_lora(backbone: Backbone, r: int, alpha: int, dropout: float, target_modules: str, seed: int) -> Any:
@@ -286,11 +290,15 @@ def load_lora_checkpoint(folder: Path, pm: Any, opt: torch.optim.Optimizer) -> d
     return json.loads((folder / "state.json").read_text(encoding="utf-8"))
 
 
-def save_av_folder(folder: Path, pm: Any, sidecar: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    """A loadable AV folder: PEFT adapter files + ``nla_meta.yaml`` (+ JSON extras)."""
+def save_av_folder(folder: Path, pm: Any, sidecar: dict[str, Any], extra: dict[str, Any] | None = None,
+                   inject_mu: dict[int, torch.Tensor] | None = None) -> None:
+    """A loadable AV folder: PEFT adapter files + ``nla_meta.yaml`` (+ JSON extras, + the
+    ``center_normalize`` rule's per-layer μ)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pm.save_pretrained(str(folder))
+    if inject_mu:
+        save_tensors(folder / INJECT_MU_FILE, {f"L{ell}": m.float() for ell, m in inject_mu.items()})
     write_sidecar(folder, sidecar)
     for name, data in (extra or {}).items():
         atomic_write_json(folder / name, data)
@@ -315,7 +323,7 @@ def train_av(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: AVTrainCo
                 "corpus": str(ts.folder), "layers": ts.layers}
     sidecar = make_sidecar(backbone, marker, cfg.rule, scale, pcts, training)
     pm = add_lora(backbone, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.seed)
-    av = make_av(backbone, sidecar, pm)
+    av = make_av(backbone, sidecar, pm, dict(ts.mus) if cfg.rule == "center_normalize" else None)
     for ell in ts.layers:
         av.prompt(ell)  # the loader's marker check, before any training
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -345,7 +353,8 @@ def train_av(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: AVTrainCo
             sc = dict(sidecar)
             sc["training"] = {**sidecar["training"], "best_val_loss": round(res["val_loss"], 5), "best_step": step}
             save_av_folder(out / "best", pm, sc, {"val_text_ids.json": [ts.ids[i] for i in val_txt],
-                                                  "best.json": {"step": step, **res, "targets": str(ts.folder)}})
+                                                  "best.json": {"step": step, **res, "targets": str(ts.folder)}},
+                           inject_mu=av.inject_mu)
         return res
 
     t0 = start_clock(state)

@@ -57,7 +57,7 @@ from nla_space.io import atomic_write_json
 from nla_space.rollout import Rollout, sample
 from nla_space.scoring import cosine
 from nla_space.sidecar import SIDECAR_NAME
-from nla_space.verbalizers.injection import InjectionAV, find_subsequence
+from nla_space.verbalizers.injection import InjectionAV, find_subsequence, load_inject_mu
 
 from .injection_targets import InjectionTargets, base_spec, extract_layers
 from .targets import distinct_ngrams
@@ -242,7 +242,9 @@ def train_grpo(backbone: Backbone, ts: InjectionTargets, sft_folder: Path, out: 
     log_path = claim_out(out, resume)
     pm = PeftModel.from_pretrained(backbone.model, str(sft_folder), is_trainable=True)
     pm.eval()  # no dropout in rollouts or the policy-gradient forward
-    av = make_av(backbone, sidecar, pm)
+    rule = (sidecar.get("training") or {}).get("injection_mode")
+    inject_mu = load_inject_mu(sft_folder, ts.layers, backbone.hidden_size) if rule == "center_normalize" else None
+    av = make_av(backbone, sidecar, pm, inject_mu)
     sft_state = lora_state(pm)
     if reward_fn is None:
         if cfg.scorer == "ar":
@@ -290,7 +292,7 @@ def train_grpo(backbone: Backbone, ts: InjectionTargets, sft_folder: Path, out: 
             sc["stage"] = "grpo"
             sc["training"] = {**sc.get("training", {}), "stage": "grpo", "grpo": {**asdict(cfg), "step": step, "sft": str(sft_folder),
                                                                                  "eval_reward": round(res["eval_reward"], 5)}}
-            save_av_folder(out / "best", pm, sc, {"best.json": {"step": step, **res}})
+            save_av_folder(out / "best", pm, sc, {"best.json": {"step": step, **res}}, inject_mu=av.inject_mu)
         return res
 
     t0 = start_clock(state)

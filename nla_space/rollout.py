@@ -83,7 +83,12 @@ def sample(
     seqs = [torch.tensor(q, device=device) for q in (stop_sequences or []) if len(q) > 0]
     mask = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=device)
     cache = DynamicCache(config=model.config)
-    out = model(inputs_embeds=prefix, attention_mask=mask[:, :P], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    # The LM head on the last prefix position only. Given as an index tensor, HF gathers that position
+    # into a contiguous (B, 1, d) block; ``logits_to_keep=1`` passes a strided slice, which a bf16
+    # CPU matmul cannot fold into one GEMM: it broadcast the (d, vocab) weight to (B, d, vocab) (a
+    # 3.6 GB copy for K=64 on SmolLM2, ~6 s; measured with the torch profiler).
+    last = torch.tensor([P - 1], device=device)
+    out = model(inputs_embeds=prefix, attention_mask=mask[:, :P], past_key_values=cache, use_cache=True, logits_to_keep=last)
     steps = 0
     for t in range(max_new_tokens):
         nxt = _pick(out.logits[:, -1, :], temperature, top_p, greedy, generator)

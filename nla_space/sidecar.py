@@ -10,7 +10,7 @@ Schema (``kitft_nla.md`` §2.2, ``nla_at_home.md`` §5.1), every key optional he
     prompt_templates: {av | actor, ar | critic}
     critic: {extraction_layer_index | num_hidden_layers}          (AR sidecars)
     depth_percentages: [...]                                      (nla-at-home universal AVs)
-    training: {injection_mode: normalize | multiply, chat_template: bool, ...}   (nla-at-home)
+    training: {injection_mode: normalize | multiply | center_normalize, chat_template: bool, ...}   (nla-at-home; center_normalize is ours)
 
 The sidecar is the authority for the facts it states; a card supplies the rest
 (:func:`nla_space.verbalizers.injection.resolve_spec` merges them and records where each fact came
@@ -77,8 +77,8 @@ class Sidecar:
         if k is None and _get(data, "critic", "num_hidden_layers") is not None:
             k = int(_get(data, "critic", "num_hidden_layers")) - 1
         mode = _get(data, "training", "injection_mode")
-        if mode is not None and mode not in ("normalize", "multiply"):
-            raise CheckpointError(f"{path}: training.injection_mode must be 'normalize' or 'multiply', got {mode!r}")
+        if mode is not None and mode not in ("normalize", "multiply", "center_normalize"):
+            raise CheckpointError(f"{path}: training.injection_mode must be 'normalize', 'multiply' or 'center_normalize', got {mode!r}")
         sc = cls(
             path=path,
             role=role,

@@ -80,3 +80,16 @@ def test_cli_embedded_bad_layer_exits_2():
     proc = _run(["verbalize", "--text", TEXT, "--layer", "30"])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: card nla-space/smollm2-135m-L21 supports layer(s) [21], not 30"]
+
+
+@pytest.mark.e2e
+def test_cli_verbalize_second_embedded_card_gemma3():
+    """The second embedded card (Gemma-3-270M from PyPI, layer 13; the first call converts the GGUF
+    into the cache, ~1 min) verbalizes from its trained AV with centered scores."""
+    proc = _run(["verbalize", "--card", "gemma3-270m", "--text", TEXT, "--k", "3", "--json", "--seed", "1", "--max-new-tokens", "6"])
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert d["card"] == "nla-space/gemma3-270m-L13" and d["layer"] == 13 and d["trained"] is True and d["centered"] is True
+    assert len(d["candidates"]) == 3 and all(math.isfinite(c["score_cen"]) for c in d["candidates"])
+    assert all(1 <= len(c["token_ids"]) <= 6 for c in d["candidates"])
+    assert d["score"] == max(c["score_cen"] for c in d["candidates"])

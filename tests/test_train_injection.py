@@ -14,6 +14,7 @@ import yaml
 
 import tiny
 from nla_space.backbone import load_backbone
+from nla_space.errors import CheckpointError
 from nla_space.runtime import open_card
 from nla_space.verbalizers.injection import input_ids_for_text
 
@@ -339,3 +340,36 @@ def test_sft_loss_and_policy_logprobs_match_a_plain_forward():
             lg = m(inputs_embeds=torch.cat([e, bb.embed_tokens(ids)])[None]).logits[0, e.shape[0] - 1 : e.shape[0] - 1 + k]
             torch.testing.assert_close(lp[i, :k], torch.log_softmax(lg, -1).gather(-1, ids[:, None])[:, 0], rtol=1e-5, atol=1e-5)
             assert float(lp[i, k:].abs().sum()) == 0.0 and rows[i] == ids.tolist()
+
+
+def test_center_normalize_rule_trains_saves_mu_and_opens_through_the_card_loader(world, trained, tmp_path):
+    """``--rule center_normalize``: the AV injects (v − μ_ℓ) at the scale; its folder carries the
+    per-layer μ (the target set's), the loader reads it, and GRPO keeps it in its best/."""
+    from nla_space.verbalizers.injection import INJECT_MU_FILE, scale_vector
+
+    ts = trained["ts"]
+    st = train_av(load_backbone(str(world["base"])), ts, tmp_path / "av", _av_cfg(max_steps=2, val_every=2, rule="center_normalize"))
+    best = tmp_path / "av" / "best"
+    assert st["step"] == 2 and (best / INJECT_MU_FILE).is_file()
+    side = yaml.safe_load((best / "nla_meta.yaml").read_text(encoding="utf-8"))
+    assert side["training"]["injection_mode"] == "center_normalize" and side["extraction"]["inject_mu_file"] == INJECT_MU_FILE
+    oc = open_card(injection_card(best, trained["ar"] / "best", str(world["base"]), ts.layers), device="cpu")
+    assert oc.av.spec.rule == "center_normalize"
+    for ell in ts.layers:
+        torch.testing.assert_close(oc.av.inject_mu[ell], ts.mus[ell])
+    v, ell = ts.vectors[5][0], 5
+    ids, pos = oc.av.prompt(ell)
+    row = oc.av.inputs_embeds(v, ell)[0, pos]
+    want = (v - ts.mus[ell]) * (oc.av.spec.scale / (v - ts.mus[ell]).norm())
+    torch.testing.assert_close(row, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(row, scale_vector(v, "center_normalize", oc.av.spec.scale, ts.mus[ell]))
+    assert oc.verbalize(vector=v.numpy(), layer=ell, k=2, seed=0, max_new_tokens=4).candidates
+    g = train_grpo(load_backbone(str(world["base"])), ts, best, tmp_path / "g", _grpo_cfg(steps=1, eval_every=1, eval_items=2),
+                   ar_folder=trained["ar"] / "best")
+    assert g["step"] == 1 and (tmp_path / "g" / "best" / INJECT_MU_FILE).is_file()
+    # an AV folder that names the rule but lost its μ file is refused with a clear error
+    (best / INJECT_MU_FILE).unlink()
+    with pytest.raises(CheckpointError, match="inject_mu"):
+        open_card(injection_card(best, trained["ar"] / "best", str(world["base"]), ts.layers), device="cpu")
+    with pytest.raises(ValueError, match="μ"):
+        scale_vector(v, "center_normalize", 1.0)

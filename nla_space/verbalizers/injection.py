@@ -16,7 +16,11 @@ Marker position
     from the sidecar, else the card, else the last / first token of ``left_text`` / ``right_text``.
 Injection rule
     ``normalize``: ``v · scale / max(‖v‖₂, 1e-12)`` (norm in float32; the direction survives, the
-    norm becomes ``scale``). ``multiply``: ``v · scale`` (nla-at-home's legacy v1 rule). The result
+    norm becomes ``scale``). ``multiply``: ``v · scale`` (nla-at-home's legacy v1 rule).
+    ``center_normalize`` (this project's, for backbones whose activations share one dominant
+    direction, e.g. SmolLM2: raw cosines between texts 0.88–0.99): ``(v − μ_ℓ) · scale /
+    max(‖v − μ_ℓ‖₂, 1e-12)`` with the AV's own per-layer ``μ_ℓ`` from ``inject_mu.safetensors``
+    (keys ``L{ℓ}``) in the AV folder (:data:`INJECT_MU_FILE`). The result
     is cast to the embedding dtype and **replaces** the marker's row of the embedded prompt. The
     other rows are the model's own input embeddings (so Gemma's √d scale applies to them); the
     injected row is not multiplied by the embedding scale (as in training, where a hook replaces the
@@ -77,7 +81,10 @@ ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "nla_met
 #: Files of a full-model release (backbone patterns plus the sidecar).
 FULL_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "nla_meta.yaml"]
 
-INJECTION_RULES = ("normalize", "multiply")
+INJECTION_RULES = ("normalize", "multiply", "center_normalize")
+
+#: File of the per-layer μ that the ``center_normalize`` rule subtracts (keys ``L{ℓ}``), in the AV folder.
+INJECT_MU_FILE = "inject_mu.safetensors"
 DEPTH_FORMULAS = ("grid", "center", "none")
 
 ProgressFn = Callable[[float, str], None]
@@ -105,9 +112,15 @@ def center_depth_pct(block: int, n_layers: int) -> int:
     return int(round(100.0 * (block + 0.5) / n_layers))
 
 
-def scale_vector(v: torch.Tensor, rule: str, scale: float) -> torch.Tensor:
-    """The injected vector in float32: ``normalize`` to L2 norm ``scale``, or ``multiply`` by it."""
+def scale_vector(v: torch.Tensor, rule: str, scale: float, mu: torch.Tensor | None = None) -> torch.Tensor:
+    """The injected vector in float32 (rules in the module docstring); ``mu`` is needed by
+    ``center_normalize`` only."""
     v = v.float()
+    if rule == "center_normalize":
+        if mu is None:
+            raise ValueError("the center_normalize rule needs the AV's μ for this layer")
+        v = v - mu.to(v.device).float()
+        return v * (scale / v.norm().clamp_min(1e-12))
     if rule == "normalize":
         return v * (scale / v.norm().clamp_min(1e-12))
     if rule == "multiply":
@@ -379,6 +392,8 @@ class InjectionAV:
     backbone: Backbone
     spec: InjectionSpec
     peft_model: Any = None
+    #: per-layer μ subtracted by the ``center_normalize`` rule (``load_inject_mu``); None otherwise
+    inject_mu: dict[int, torch.Tensor] | None = None
     _prompts: dict[int | None, tuple[list[int], int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -413,7 +428,12 @@ class InjectionAV:
         ids, pos = self.prompt(layer)
         dev = self.backbone.device
         emb = self.backbone.embed_tokens(torch.tensor([ids], device=dev)).clone()
-        emb[0, pos] = scale_vector(v.to(dev), self.spec.rule, self.spec.scale).to(emb.dtype)
+        mu = None
+        if self.spec.rule == "center_normalize":
+            if not self.inject_mu or layer not in self.inject_mu:
+                raise CheckpointError(f"the center_normalize rule needs μ for layer {layer} ({INJECT_MU_FILE} in the AV folder)")
+            mu = self.inject_mu[layer]
+        emb[0, pos] = scale_vector(v.to(dev), self.spec.rule, self.spec.scale, mu).to(emb.dtype)
         return emb
 
     @contextlib.contextmanager
@@ -643,6 +663,24 @@ class OpenInjectionCard:
             )
 
 
+def load_inject_mu(folder: Path, layers: list[int], d: int) -> dict[int, torch.Tensor]:
+    """The AV's per-layer injection μ (``INJECT_MU_FILE``, keys ``L{ℓ}``) for every layer in ``layers``."""
+    path = Path(folder) / INJECT_MU_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: the center_normalize rule needs {INJECT_MU_FILE} (per-layer μ, keys L{{layer}})")
+    tensors = load_state_dict(path)
+    out = {}
+    for ell in layers:
+        t = tensors.get(f"L{ell}")
+        if t is None:
+            raise CheckpointError(f"{path}: no μ for layer {ell} (has {sorted(tensors)})")
+        t = t.float().reshape(-1)
+        if t.numel() != d or not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: μ of layer {ell} must be {d} finite values")
+        out[ell] = t
+    return out
+
+
 def _load_mu(section: dict[str, Any], folder: Path | None, layer: int, d: int) -> torch.Tensor | None:
     name = section.get("mu_file")
     if not name or folder is None:
@@ -702,7 +740,8 @@ def open_injection_card(
         want = sidecar.extraction_layer_index + spec.block_offset
         if want not in card.layers:
             raise CheckpointError(f"card {card.id}: the sidecar's block {sidecar.extraction_layer_index} (layer {want}) is not among the card's layers {card.layers}")
-    av = InjectionAV(backbone=av_bb, spec=spec, peft_model=peft_model)
+    inject_mu = load_inject_mu(folder, card.layers, av_bb.hidden_size) if spec.rule == "center_normalize" else None
+    av = InjectionAV(backbone=av_bb, spec=spec, peft_model=peft_model, inject_mu=inject_mu)
     for ell in card.layers:  # the loader contract: every prompt has exactly one neighbour-checked marker
         av.prompt(ell)
     if not card.reconstructor:
