@@ -325,7 +325,8 @@ def build_leaderboard(results: Iterable[dict[str, Any]] = (), cards: list[Card] 
         meta0 = next(iter(rep.metas.values())) if rep and rep.metas else {}
         title = card.title if card else str(meta0.get("card_title") or cid)
         backbone = card.backbone_id if card else str(meta0.get("backbone") or "")
-        layer = card.default_layer if card else meta0.get("layer")
+        # a card outside the built-in set: the results' layer (multi-layer commands record ``layers``)
+        layer = card.default_layer if card else meta0.get("layer", (meta0.get("layers") or [None])[0])
         for metric in METRICS:
             keys: list[tuple[str, int | None]] = []
             for src in (pub, rep):

@@ -151,3 +151,7 @@ def test_policy_eval_and_roundtrip_results_become_rows():
     assert got[("round-trip cosine, mean-centred (AR or re-encode)", None, 50)] == 0.123
     assert got[("round trip picks the right activation over a wrong one", None, 50)] == pytest.approx(0.7)
     assert all(r["rho_reproduced"] is None for r in lb["rows"])  # rates and cosines are not fve scores: no ρ
+    # a card outside the built-in set gets its layer from the results (multi-layer commands record ``layers``)
+    multi = policy(False, 0.4)
+    multi["meta"]["layers"] = [15, 8]
+    assert {r["layer"] for r in build_leaderboard([multi], cards=[])["rows"]} == {15}
