@@ -233,9 +233,7 @@ def dtype_fidelity(
     v_low = extract(opened.backbone, text, layer)
 
     def scores(oc: OpenCard, roll: Any) -> torch.Tensor:
-        dev = oc.backbone.device
-        h = reencode_ids(oc.backbone, layer, roll.ids.to(dev), roll.mask.to(dev)).float().cpu()
-        raw, cen = score_vectors(h, v, oc.mu)
+        raw, cen = score_vectors(oc.reconstruct(roll, layer), v, oc.mu)
         return cen if cen is not None else raw
 
     with torch.inference_mode():

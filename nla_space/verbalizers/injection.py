@@ -120,8 +120,7 @@ def scale_vector(v: torch.Tensor, rule: str, scale: float, mu: torch.Tensor | No
         if mu is None:
             raise ValueError("the center_normalize rule needs the AV's μ for this layer")
         v = v - mu.to(v.device).float()
-        return v * (scale / v.norm().clamp_min(1e-12))
-    if rule == "normalize":
+    if rule in ("normalize", "center_normalize"):
         return v * (scale / v.norm().clamp_min(1e-12))
     if rule == "multiply":
         return v * scale
