@@ -20,8 +20,7 @@ Truncated forward
     Runs the embedding and blocks ``0 … ℓ−1`` only: no later blocks, no final norm, no LM head.
     It uses a *view* of the decoder that shares every weight but holds only the first ℓ blocks and
     an identity final norm, so concurrent requests never see a half-modified model. Several layers
-    come from one forward to the deepest of them (:func:`hidden_at_layers`); each equals its own
-    truncated forward.
+    (:func:`hidden_at_layers`) are one truncated forward each.
 """
 
 from __future__ import annotations
@@ -76,25 +75,22 @@ def hidden_at_layers(
     attention_mask: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
-    """``hidden_states[ℓ]`` for every position, ``(B, T, d)``, for each ℓ in ``layers``, by one
-    truncated forward to the deepest of them (blocks after it never run). Block ``i`` computes the
-    same thing whether or not later blocks follow, so each entry equals a forward truncated at ℓ."""
+    """``hidden_states[ℓ]`` for every position, ``(B, T, d)``, for each ℓ in ``layers``: one truncated
+    forward per layer, each reading its view's ``last_hidden_state``.
+
+    Not one forward with ``output_hidden_states=True`` on the deepest view: transformers records
+    hidden states with hooks on the decoder's layer modules, which the view shares with the full
+    model, and asking a view for them made later full-model ``output_hidden_states`` calls return
+    every layer twice (tested)."""
     wanted = sorted({check_layer(backbone, ell) for ell in layers})
     if not wanted:
         raise ValueError("no layers requested")
-    top = wanted[-1]
-    many = len(wanted) > 1
-    view = truncated_decoder(backbone, top)
-    out = view(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        inputs_embeds=inputs_embeds,
-        use_cache=False,
-        output_hidden_states=many,
-    )
-    if not many:
-        return {top: out.last_hidden_state}
-    return {ell: out.hidden_states[ell] for ell in wanted}
+    out = {}
+    for ell in wanted:
+        view = truncated_decoder(backbone, ell)
+        out[ell] = view(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                        use_cache=False).last_hidden_state
+    return out
 
 
 def hidden_at_layer(
@@ -141,7 +137,7 @@ def encode_text(backbone: Backbone, text: str, max_tokens: int | None = None) ->
 @torch.inference_mode()
 def extract_layers(backbone: Backbone, text: str, layers: Sequence[int], max_tokens: int | None = None) -> dict[int, torch.Tensor]:
     """The activation ``v`` (float32, shape (d,)) of ``text`` at each of ``layers``, read at its last
-    token, from one forward (:func:`hidden_at_layers`)."""
+    token (:func:`hidden_at_layers`)."""
     ids = encode_text(backbone, text, max_tokens).to(backbone.device)
     mask = torch.ones_like(ids)
     hidden = hidden_at_layers(backbone, layers, input_ids=ids, attention_mask=mask)

@@ -153,7 +153,7 @@ class OpenCard:
         return activations.extract(self.backbone, text, layer)
 
     def extract_layers(self, text: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """The activations of ``text`` at several layers from one forward; each equals :meth:`extract`."""
+        """The activations of ``text`` at several layers (one truncated forward each); each equals :meth:`extract`."""
         return activations.extract_layers(self.backbone, text, layers)
 
     def depth_pct(self, layer: int) -> int | None:

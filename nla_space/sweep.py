@@ -1,7 +1,7 @@
 """The layer sweep: one text verbalized at each of a card's layers, same K, seed, τ and rollout length.
 
-The activation is read once for every swept layer (the card's ``extract_layers``: one forward to
-the deepest layer, each entry equal to a single-layer extraction); then each layer walks the card's
+The activations are read first for every swept layer (the card's ``extract_layers``: one truncated
+forward per layer, each entry equal to a single-layer extraction); then each layer walks the card's
 normal ``verbalize`` with its vector and the text, so an entry of the sweep equals a single-layer
 ``verbalize(text=…, layer=ℓ)`` call with the same parameters (same candidates, best text and score).
 Only ``timings.extract_s`` differs: the shared read is timed once, in the log.
@@ -102,7 +102,7 @@ def sweep(
     step(0.0, f"reading the activation at {n} layer(s)")
     t0 = time.perf_counter()
     vectors = card.extract_layers(text, todo)
-    log.info("sweep: read %d layer(s) in one forward in %.3f s", n, time.perf_counter() - t0)
+    log.info("sweep: read %d layer(s) in %.3f s", n, time.perf_counter() - t0)
     out = []
     for i, ell in enumerate(todo):
         def inner(frac: float, msg: str, i: int = i, ell: int = ell) -> None:

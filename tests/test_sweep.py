@@ -187,3 +187,19 @@ def test_app_sweep_is_hidden_and_refused_for_a_single_layer_card(multi, fresh_en
         args = {"text": TEXT, "card": multi["path"], "k": 2, **bad}
         with pytest.raises(gr.Error, match=match):
             handlers.sweep_ui(args["text"], args["card"], args["k"], None, 1.0, 0, False)
+
+
+def test_multi_layer_read_leaves_the_full_models_hidden_states_alone() -> None:
+    """Regression: reading several layers once asked the truncated view (which shares the layer modules
+    with the full model) for ``output_hidden_states``; transformers' recording hooks then made a later
+    full-model forward return every layer twice, so its ``hidden_states[ℓ]`` was wrong. A fresh
+    backbone, because the order of first calls decided it."""
+    bb = tiny.make_backbone("llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        many = activations.hidden_at_layers(bb, [1, 3, 2], input_ids=ids, attention_mask=mask)
+        full = bb.model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(full) == bb.num_layers + 1
+    for ell, h in many.items():
+        torch.testing.assert_close(full[ell], h, rtol=1e-5, atol=1e-5)

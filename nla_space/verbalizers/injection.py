@@ -546,7 +546,7 @@ class OpenInjectionCard:
         return self._extract(text, [layer])[layer]
 
     def extract_layers(self, text: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """The activations of ``text`` at several layers from one base-model forward; each equals
+        """The activations of ``text`` at several layers from the base model (one truncated forward each); each equals
         :meth:`extract` (held under the card's lock: the adapter switch is model state)."""
         with self._lock:
             return self._extract(text, layers)
