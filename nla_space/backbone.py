@@ -17,7 +17,8 @@ request (``dtype``: the user's ``--dtype`` or ``NLA_CPU_DTYPE``) and a *card def
 card default, else bfloat16. On CPU the card default is ignored: float32 unless the user asked
 for bfloat16 explicitly (opt-in; faster matmuls on CPUs with bf16 instructions, fidelity measured
 by ``python -m eval_harness bench --dtype bfloat16``), so shipped float32 numbers never change
-because a card says bfloat16. float16 is refused on CPU. Whatever the backbone dtype, activations,
+because a card says bfloat16. A bfloat16 CPU backbone computes attention in float32 and uses
+prepacked linear weights (:mod:`nla_space.cpu_bf16`). float16 is refused on CPU. Whatever the backbone dtype, activations,
 re-encodings and scores leave the model as float32 (``activations.py``, ``reencode.py``,
 ``scoring.py``).
 """
@@ -177,7 +178,10 @@ class Backbone:
 
 
 def _freeze(model: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    from . import cpu_bf16
+
     model.to(device=device, dtype=dtype)
+    cpu_bf16.prepare(model)  # bfloat16 on CPU: float32 attention, prepacked weights; else nothing
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

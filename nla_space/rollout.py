@@ -1,9 +1,12 @@
 """Batched autoregressive sampling from soft prefixes, and the EOS-inclusive mask.
 
-One call samples every row of a batch (best-of-K = the prefix repeated K times). It uses the
-KV cache, computes the LM head for the last position only, and stops as soon as every row has
-produced a stop token. Randomness comes from an explicit ``torch.Generator``, so a request's
-output depends on its seed alone, not on other requests.
+One call samples every row of a batch (best-of-K = the prefix repeated K times). It uses a KV
+cache allocated once (:mod:`nla_space.kv_cache`), computes the LM head for the last position only,
+and stops as soon as every row has produced a stop token. Randomness comes from an explicit
+``torch.Generator``, so a request's output depends on its seed alone, not on other requests. Each
+step's draw is ``torch.multinomial``'s, computed faster on CPU (:mod:`nla_space.categorical`): a
+seed samples the same tokens as ``model.generate(do_sample=True)`` after ``torch.manual_seed``
+with the same logits processors (tested).
 
 Mask convention (``srt.md`` §3.3): a row is valid up to **and including** its first stop token;
 positions after it hold ``pad_id`` and are masked. A row without a stop token is valid throughout.
@@ -16,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from .backbone import Backbone
+from .categorical import sample_rows
+from .kv_cache import preallocated_cache
 
 
 @dataclass
@@ -40,7 +45,9 @@ def eos_inclusive_mask(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
     if greedy or temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:  # x / 1.0 == x: skipping it changes no bit and saves a pass over (B, vocab)
+        logits = logits / temperature
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -48,7 +55,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, 
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_rows(probs, generator)
 
 
 @torch.inference_mode()
@@ -69,8 +76,6 @@ def sample(
     ``stop_sequences`` also end a row when its last generated tokens equal one of them (e.g. the
     ids of ``</explanation>``); the row stays valid through the end of the sequence.
     """
-    from transformers import DynamicCache
-
     model = backbone.model
     B, P, _ = prefix.shape
     device = prefix.device
@@ -82,7 +87,7 @@ def sample(
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     seqs = [torch.tensor(q, device=device) for q in (stop_sequences or []) if len(q) > 0]
     mask = torch.ones(B, P + max_new_tokens, dtype=torch.long, device=device)
-    cache = DynamicCache(config=model.config)
+    cache = preallocated_cache(model.config, P + max_new_tokens)
     # The LM head on the last prefix position only. Given as an index tensor, HF gathers that position
     # into a contiguous (B, 1, d) block; ``logits_to_keep=1`` passes a strided slice, which a bf16
     # CPU matmul cannot fold into one GEMM: it broadcast the (d, vocab) weight to (B, d, vocab) (a
