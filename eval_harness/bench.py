@@ -14,6 +14,21 @@ attention scores) divided by the machine's measured matmul throughput **in the d
 (``project_dtype`` for ``flop_bound_s``, ``plain_dtype`` for ``plain_flop_bound_s``; both measured
 with the same square matmul, listed in ``matmul_gflops_by_dtype``).
 
+Memory bound (``memory_bound_s``): the bytes the work must move at least — every decoding step
+reads all block weights and the LM head once (for all K rows together) plus the KV cache so far;
+the prefill and the re-encode read their blocks' weights once — divided by the measured copy
+bandwidth of the device (``memory_gbps``: a large tensor copy, read + write). On a GPU this is the
+HBM-bandwidth bound; at small K on a CPU it can exceed the FLOP bound.
+
+Pipelines (``pipelines``): the harness's own work per second, timed with its own functions on
+the same card — ``targets`` sequences/s (:func:`eval_harness.targets.sample_ids` bare-BOS
+self-samples of ``tokens`` tokens + :func:`~eval_harness.targets.encode_ids`) and
+``centered-eval`` targets/s (:func:`eval_harness.evals.sample_target`: greedy + K samples, re-encoded
+and scored, stop tokens honoured, on those sequences' activations).
+
+``random_weights_card`` opens a card's backbone *shape* (``backbone.shape`` in the card file) with
+random weights, so real-size timings need no download (issue 7, GPU part).
+
 Dtypes: the project path runs in its card's backbone dtype (``bench --dtype``; float32 on CPU unless
 asked), the plain path in ``--plain-dtype`` (float32 on CPU: the reference recipe's). Both run on
 the same AV weights (:meth:`nla_space.runtime.OpenCard.with_dtype`). When the project path runs in
@@ -55,6 +70,7 @@ class BenchRow:
     project_dtype: str = "float32"
     plain_dtype: str = "float32"
     plain_flop_bound_s: float | None = None  #: the plain path's bound, at the throughput of ``plain_dtype``
+    memory_bound_s: float | None = None  #: the project path's bytes over the measured copy bandwidth
 
     @property
     def speedup(self) -> float:
@@ -63,6 +79,11 @@ class BenchRow:
     @property
     def fraction_of_bound(self) -> float:
         return self.flop_bound_s / self.project_s
+
+    @property
+    def memory_bound_ratio(self) -> float | None:
+        """project time / memory bound (the issue's GPU target: at most 3)."""
+        return None if not self.memory_bound_s else self.project_s / self.memory_bound_s
 
     @property
     def plain_fraction_of_bound(self) -> float | None:
@@ -75,6 +96,7 @@ class BenchRow:
             speedup=round(self.speedup, 3),
             fraction_of_flop_bound=round(self.fraction_of_bound, 3),
             plain_fraction_of_flop_bound=None if plain_frac is None else round(plain_frac, 3),
+            times_memory_bound=None if self.memory_bound_ratio is None else round(self.memory_bound_ratio, 3),
             project_candidates_per_s=round(self.k / self.project_s, 3),
             plain_candidates_per_s=round(self.k / self.plain_s, 3),
         )
@@ -94,8 +116,11 @@ class BenchReport:
     project_dtype: str = "float32"
     plain_dtype: str = "float32"
     matmul_gflops_by_dtype: dict[str, float] = field(default_factory=dict)
+    memory_gbps: float | None = None  #: measured copy bandwidth (read + write), GB/s
     #: :func:`dtype_fidelity` of the bfloat16 project path against float32; None unless it ran in bfloat16
     bf16_fidelity: dict[str, Any] | None = None
+    #: :func:`pipeline_rates`; None when not measured
+    pipelines: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -109,10 +134,13 @@ class BenchReport:
             "project_dtype": self.project_dtype,
             "plain_dtype": self.plain_dtype,
             "matmul_gflops_by_dtype": {k: round(v, 1) for k, v in self.matmul_gflops_by_dtype.items()},
+            "memory_gbps": None if self.memory_gbps is None else round(self.memory_gbps, 1),
             **self.extra,
         }
         if self.bf16_fidelity is not None:
             out["bf16_fidelity"] = self.bf16_fidelity
+        if self.pipelines is not None:
+            out["pipelines"] = self.pipelines
         return out
 
 
@@ -136,8 +164,24 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: i
     return 2 * n**3 / best / 1e9
 
 
-def flop_count(opened: OpenCard, k: int, new_tokens: int, layer: int) -> float:
-    """Matmul FLOPs of best-of-K: sampling through all blocks + LM head, re-encode through ℓ blocks."""
+def memory_gbps(device: torch.device, mbytes: int = 512, reps: int = 5) -> float:
+    """Measured copy bandwidth (bytes read + bytes written per second, best of ``reps``), GB/s."""
+    n = mbytes * 2**20 // 4
+    a = torch.ones(n, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best / 1e9
+
+
+def _shape_counts(opened: OpenCard) -> tuple[int, int, int, float, int, int]:
+    """(d, layers, vocab, params per block, KV width per layer (kv_heads × head_dim), bytes per element)."""
     cfg = opened.backbone.config
     d, n_layers = opened.backbone.hidden_size, opened.backbone.num_layers
     vocab = int(cfg.vocab_size)
@@ -145,6 +189,27 @@ def flop_count(opened: OpenCard, k: int, new_tokens: int, layer: int) -> float:
     total_params = sum(p.numel() for p in opened.backbone.model.parameters())
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     block_params = (total_params - emb - (0 if tied else emb)) / n_layers
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(cfg, "head_dim", None) or d // heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+    return d, n_layers, vocab, block_params, kv, opened.backbone.model.dtype.itemsize
+
+
+def memory_bytes(opened: OpenCard, k: int, new_tokens: int, layer: int) -> float:
+    """Least bytes best-of-K moves: weights once per decoding step and once for the prefill and the
+    re-encode, plus the KV cache each step reads (keys and values of every earlier position)."""
+    d, n_layers, vocab, block_params, kv, elt = _shape_counts(opened)
+    P = opened.av.prefix_length
+    weights = (block_params * n_layers + vocab * d) * elt
+    kv_reads = 2 * kv * n_layers * k * elt * sum(P + t for t in range(new_tokens))
+    reenc = block_params * layer * elt
+    return float(weights * new_tokens + kv_reads + reenc)
+
+
+def flop_count(opened: OpenCard, k: int, new_tokens: int, layer: int) -> float:
+    """Matmul FLOPs of best-of-K: sampling through all blocks + LM head, re-encode through ℓ blocks."""
+    d, n_layers, vocab, block_params, _, _ = _shape_counts(opened)
+    emb = vocab * d
     P = opened.av.prefix_length
     # sampling: every prefix and generated position goes through all blocks; LM head per new token
     pos = k * (P + new_tokens)
@@ -274,6 +339,39 @@ def dtype_fidelity(
     return out
 
 
+def pipeline_rates(opened: OpenCard, k: int, new_tokens: int, sequences: int = 16, targets: int = 1, seed: int = 0) -> dict[str, Any]:
+    """``targets`` sequences/s and ``centered-eval`` targets/s, timed with the harness's functions."""
+    from types import SimpleNamespace
+
+    from .evals import EvalRun, sample_target
+    from .targets import encode_ids, sample_ids
+
+    bb = opened.backbone
+    layer = opened.card.default_layer
+    _sync(bb.device)
+    t0 = time.perf_counter()
+    rows = sample_ids(bb, sequences, new_tokens, torch.Generator(device=bb.device).manual_seed(seed))
+    vectors = encode_ids(bb, layer, rows)
+    _sync(bb.device)
+    targets_s = time.perf_counter() - t0
+    # The eval's per-target work on those activations; μ = their mean stands in for the μ pool's.
+    run = EvalRun(oc=opened, ts=SimpleNamespace(vectors=vectors), layer=layer, targets=list(range(targets)),
+                  pool=SimpleNamespace(mu=vectors.mean(dim=0)), K=k, temperature=1.0, max_new_tokens=new_tokens, seed=seed)
+    t0 = time.perf_counter()
+    for row in range(targets):
+        sample_target(run, row)
+    _sync(bb.device)
+    eval_s = time.perf_counter() - t0
+    return {
+        "targets_sequences_per_s": round(sequences / targets_s, 3),
+        "targets_sequences": sequences,
+        "targets_tokens": new_tokens,
+        "centered_eval_targets_per_s": round(targets / eval_s, 4),
+        "centered_eval_K": k,
+        "centered_eval_targets": targets,
+    }
+
+
 def run_bench(
     opened: OpenCard,
     ks: list[int],
@@ -283,17 +381,21 @@ def run_bench(
     seed: int = 0,
     plain: OpenCard | None = None,
     fidelity_reference: OpenCard | None = None,
+    vector: torch.Tensor | None = None,
+    pipelines: bool = False,
 ) -> BenchReport:
     """Time both paths for each K (best of ``repeats``), same card, same activation, same lengths.
 
     ``opened`` runs the project path; ``plain`` (default: ``opened``) the plain recipe, typically
     the same card in another dtype (:meth:`OpenCard.with_dtype`). With ``fidelity_reference`` (the
-    card in float32), :func:`dtype_fidelity` at the largest K fills ``bf16_fidelity``.
+    card in float32), :func:`dtype_fidelity` at the largest K fills ``bf16_fidelity``. ``vector``
+    replaces the activation of ``text`` (random-weight backbones have no tokenizer). ``pipelines``
+    adds :func:`pipeline_rates` at the largest K.
     """
     plain = opened if plain is None else plain
     bb, pbb = opened.backbone, plain.backbone
     layer = opened.card.default_layer
-    v = extract(bb, text, layer)
+    v = extract(bb, text, layer) if vector is None else vector.float().reshape(-1)
     by_dtype = {name: matmul_gflops(bb.device, dt) for name, dt in {bb.dtype_name: bb.dtype, pbb.dtype_name: pbb.dtype}.items()}
     gflops = by_dtype[bb.dtype_name]
     report = BenchReport(
@@ -308,6 +410,7 @@ def run_bench(
         project_dtype=bb.dtype_name,
         plain_dtype=pbb.dtype_name,
         matmul_gflops_by_dtype=by_dtype,
+        memory_gbps=memory_gbps(bb.device),
     )
     _project(opened, v, 2, 4, layer, seed)  # warm-up
     _plain(plain, v, 2, 4, layer, seed)
@@ -328,10 +431,15 @@ def run_bench(
             project_dtype=bb.dtype_name,
             plain_dtype=pbb.dtype_name,
             plain_flop_bound_s=flops / (by_dtype[pbb.dtype_name] * 1e9),
+            memory_bound_s=memory_bytes(opened, k, new_tokens, layer) / (report.memory_gbps * 1e9),
         )
-        log.info("K=%d: project (%s) %.2fs, plain (%s) %.2fs (×%.2f), bound %.2fs", k, row.project_dtype, row.project_s,
-                 row.plain_dtype, row.plain_s, row.speedup, row.flop_bound_s)
+        log.info("K=%d: project (%s) %.2fs, plain (%s) %.2fs (×%.2f), FLOP bound %.2fs, memory bound %.2fs", k,
+                 row.project_dtype, row.project_s, row.plain_dtype, row.plain_s, row.speedup, row.flop_bound_s,
+                 row.memory_bound_s)
         report.rows.append(row)
+    if pipelines:
+        report.pipelines = pipeline_rates(opened, max(ks), new_tokens, seed=seed)
+        log.info("pipelines: %s", report.pipelines)
     if fidelity_reference is not None:
         report.bf16_fidelity = dtype_fidelity(opened, fidelity_reference, text, max(ks), new_tokens, seed, layer)
     return report

@@ -108,3 +108,71 @@ def test_bench_bad_dtype_exits_2_with_one_line(tmp_path, capsys):
         assert tiny.run_harness(["bench", "--card", tmp_path, flag, "float16", "--start", "none"]) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert err == [f"error: {flag} must be float32 or bfloat16, got 'float16'"]
+
+
+def test_memory_bound_counts_weights_per_step_and_kv_reads(tmp_path):
+    from eval_harness.bench import memory_bytes, memory_gbps
+
+    opened = _opened(tmp_path)
+    bb = opened.backbone
+    weights = sum(p.numel() for p in bb.model.parameters()) * 4  # float32, untied: every parameter but the embedding
+    one = memory_bytes(opened, 1, 1, 2)
+    assert one > (weights - bb.model.get_input_embeddings().weight.numel() * 4)  # one decoding step reads all weights
+    assert memory_bytes(opened, 1, 9, 2) > memory_bytes(opened, 1, 8, 2) > one
+    assert memory_bytes(opened, 4, 8, 2) > memory_bytes(opened, 1, 8, 2)  # more rows, more KV cache to read
+    assert memory_gbps(torch.device("cpu"), mbytes=8, reps=2) > 0.1
+    report = run_bench(opened, [2], new_tokens=3).to_dict()
+    row = report["rows"][0]
+    assert report["memory_gbps"] > 0 and row["memory_bound_s"] > 0
+    assert abs(row["times_memory_bound"] - row["project_s"] / row["memory_bound_s"]) < 1e-2
+
+
+def test_card_shapes_have_the_published_sizes():
+    # Parameter counts of the architectures the cards run on, from their model cards:
+    # Qwen2.5-7B 7.61B, Llama-3.2-3B 3.21B, Gemma-2-2B 2.61B, Phi-4 14.7B.
+    from eval_harness.random_backbone import parameter_count
+    from nla_space.cards import find_card
+
+    published = {"srt-qwen2.5-7b": 7.61e9, "nla-qwen2.5-7b": 7.61e9, "kitft-qwen2.5-7b": 7.61e9,
+                 "srt-llama3.2-3b": 3.21e9, "srt-gemma2-2b": 2.61e9, "nla-phi4": 14.7e9}
+    for name, n in published.items():
+        shape = find_card(name).backbone["shape"]
+        assert shape["source"].endswith("config.json")
+        assert abs(parameter_count(shape) - n) < 0.005 * n, name
+
+
+def test_bench_random_weights_times_a_card_shape(monkeypatch, capsys):
+    import eval_harness.random_backbone as rb
+    from nla_space.cards import Card
+
+    shape = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97, "tie_word_embeddings": False,
+             "source": "test"}
+    card = Card(id="test/shape-card", backbone={"id": "Org/Tiny", "dtype": "bfloat16", "shape": shape}, layers=[20],
+                av={"num_prefix_tokens": 3})
+    monkeypatch.setattr(rb, "find_card", lambda name: card)
+    assert tiny.run_harness(["bench", "--card", "x", "--random-weights", "--layers", "2", "--k", "2", "--tokens", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["random_weights"] == {"shape_of": "Org/Tiny", "layers": 2, "source": "test"}
+    assert data["warm_start_s"] is None and "bf16_fidelity" not in data and "pipelines" not in data
+    row = data["rows"][0]
+    assert row["k"] == 2 and row["project_s"] > 0 and row["plain_s"] > 0 and row["memory_bound_s"] > 0
+    opened = rb.random_weights_card("x", layers=2)
+    assert opened.card.layers == [1] and opened.av.prefix_length == 4 and not opened.trained
+
+
+def test_bench_random_weights_needs_a_card_with_a_shape(capsys):
+    assert tiny.run_harness(["bench", "--card", "embedded", "--random-weights", "--k", "1", "--tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "has no backbone.shape; cards with one:" in err and "srt-qwen2.5-7b" in err
+    assert tiny.run_harness(["bench", "--card", "embedded", "--layers", "2", "--k", "1"]) == 2
+    assert "--layers applies to --random-weights only" in capsys.readouterr().err
+
+
+def test_bench_reports_targets_and_centered_eval_rates(tmp_path, capsys):
+    opened = _opened(tmp_path)
+    report = run_bench(opened, [3], new_tokens=4, pipelines=True).to_dict()
+    pl = report["pipelines"]
+    assert pl["targets_sequences_per_s"] > 0 and pl["targets_sequences"] == 16 and pl["targets_tokens"] == 4
+    assert pl["centered_eval_targets_per_s"] > 0 and pl["centered_eval_K"] == 3
+    assert "pipelines" not in run_bench(opened, [1], new_tokens=2).to_dict()

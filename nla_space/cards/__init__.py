@@ -5,7 +5,9 @@ A card file holds every card-specific fact, so the code never branches on a mode
 ``id``            hub id of the verbalizer (or ``nla-space/…`` for ours), also accepted by ``--card``
 ``aliases``       short names for ``--card``
 ``kind``          ``"prefix"`` (SRT family) or ``"injection"`` (token-injection AVs) — the verbalizer class to build
-``backbone``      ``{"id", "revision", "dtype"}``; ``id`` may be ``embedded:NAME``
+``backbone``      ``{"id", "revision", "dtype", "shape"}``; ``id`` may be ``embedded:NAME``; ``shape`` (optional)
+                  holds the architecture config fields a random-weight model of the same size needs
+                  (``bench --random-weights``), with the ``source`` they were read from
 ``layers``        the layers the AV supports (``hidden_states`` index, see :mod:`nla_space.activations`)
 ``av``            where the weights are: ``{"repo", "revision", "files"}`` on the hub, or ``{"folder"}``
                   relative to the repository root (the shipped ``assets/``)
