@@ -1,5 +1,5 @@
 """One categorical draw per row, identical to ``torch.multinomial(probs, 1, generator=g)`` on CPU,
-including how far it advances ``g``, and about 3× cheaper.
+including how far it advances ``g``, at about half the cost (25–35 ms instead of ~62 ms at 64 × 49,152).
 
 How torch draws it (PyTorch 2.x, CPU, one sample per row): ``q = exponential_(1)`` for every
 entry, then ``argmax(probs / q)`` (the exponential race). Each exponential is
