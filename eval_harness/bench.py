@@ -14,11 +14,11 @@ attention scores) divided by the machine's measured matmul throughput **in the d
 (``project_dtype`` for ``flop_bound_s``, ``plain_dtype`` for ``plain_flop_bound_s``; both measured
 with the same square matmul, listed in ``matmul_gflops_by_dtype``).
 
-Memory bound (``memory_bound_s``): the bytes the work must move at least — every decoding step
-reads all block weights and the LM head once (for all K rows together) plus the KV cache so far;
-the prefill and the re-encode read their blocks' weights once — divided by the measured copy
-bandwidth of the device (``memory_gbps``: a large tensor copy, read + write). On a GPU this is the
-HBM-bandwidth bound; at small K on a CPU it can exceed the FLOP bound.
+Memory bound (``memory_bound_s``): the bytes the work must move at least — each of the rollout's
+``tokens`` forwards (the prefill, then one per further token) reads all block weights and the LM
+head once (for all K rows together) plus the KV cache so far, and the re-encode reads its blocks'
+weights once — divided by the measured copy bandwidth of the device (``memory_gbps``: a large
+tensor copy, read + write). On a GPU this is the HBM-bandwidth bound.
 
 Pipelines (``pipelines``): the harness's own work per second, timed with its own functions on
 the same card — ``targets`` sequences/s (:func:`eval_harness.targets.sample_ids` bare-BOS
@@ -196,8 +196,8 @@ def _shape_counts(opened: OpenCard) -> tuple[int, int, int, float, int, int]:
 
 
 def memory_bytes(opened: OpenCard, k: int, new_tokens: int, layer: int) -> float:
-    """Least bytes best-of-K moves: weights once per decoding step and once for the prefill and the
-    re-encode, plus the KV cache each step reads (keys and values of every earlier position)."""
+    """Least bytes best-of-K moves: the weights once per forward (``new_tokens`` forwards: the prefill,
+    then one per further token) and once for the re-encode, plus the KV cache each forward reads."""
     d, n_layers, vocab, block_params, kv, elt = _shape_counts(opened)
     P = opened.av.prefix_length
     weights = (block_params * n_layers + vocab * d) * elt
