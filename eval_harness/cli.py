@@ -33,6 +33,10 @@ COMMANDS: dict[str, str] = {
     "train-ar": "eval_harness.cmd_train_ar",
     "train-grpo": "eval_harness.cmd_train_grpo",
     "fit-compass": "eval_harness.cmd_fit_compass",
+    "text-corpus": "eval_harness.cmd_text_corpus",
+    "train-patch": "eval_harness.cmd_train_patch",
+    "patch-release": "eval_harness.cmd_patch_release",
+    "reading-eval": "eval_harness.cmd_reading_eval",
 }
 
 

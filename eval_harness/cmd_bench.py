@@ -11,12 +11,16 @@ import tempfile
 import time
 from pathlib import Path
 
+#: the card bench opens when none is named: the embedded prefix AV
+PREFIX_DEFAULT = "smollm2-135m-prefix"
+
 HELP = ("time best-of-K (project vs plain HF recipe), matmul throughput and copy bandwidth, FLOP and memory bounds, "
         "targets and centered-eval rates, app/CLI start")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--card", default=None, help="card (default: the embedded card)")
+    p.add_argument("--card", default=None, help="a prefix card (default: smollm2-135m-prefix, the embedded prefix AV); "
+                   "the bench times prefix rollouts against the plain HF recipe")
     p.add_argument("--backbone", default=None)
     p.add_argument("--k", default="1,8,16,64", help="comma-separated K values")
     p.add_argument("--tokens", type=int, default=64, help="fixed rollout length")
@@ -88,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
         vector = torch.randn(opened.backbone.hidden_size, generator=torch.Generator().manual_seed(0))
         args.start = "none"  # there is no CLI process to start for a random-weight model
     else:
-        opened = open_card(args.card, backbone=args.backbone, device=args.device, dtype=dtype)
+        opened = open_card(args.card or PREFIX_DEFAULT, backbone=args.backbone, device=args.device, dtype=dtype)
+        if opened.card.kind != "prefix":
+            raise NLAInputError(f"bench times prefix AVs against the plain HF recipe; card {opened.card.id} is a "
+                                f"{opened.card.kind} card (for decoding-strategy timings use reading-eval's seconds_per_text)")
     dev = opened.backbone.device
     # The plain recipe's dtype: as asked, else float32 on CPU / the card's on CUDA (what it would load).
     plain_dtype = resolve_dtype(args.plain_dtype, dev, opened.card.backbone.get("dtype"))
@@ -100,10 +107,10 @@ def run(args: argparse.Namespace) -> int:
         report.extra["random_weights"] = {"shape_of": opened.card.backbone_id, "layers": opened.backbone.num_layers,
                                           "source": opened.card.backbone.get("shape", {}).get("source")}
     if args.start in ("warm", "cold"):
-        report.warm_start_s = round(_cli_start_seconds(args.card, dtype=dtype), 2)
+        report.warm_start_s = round(_cli_start_seconds(args.card or PREFIX_DEFAULT, dtype=dtype), 2)
     if args.start == "cold":
         with tempfile.TemporaryDirectory() as tmp:
-            report.cold_start_s = round(_cli_start_seconds(args.card, tmp, dtype), 2)
+            report.cold_start_s = round(_cli_start_seconds(args.card or PREFIX_DEFAULT, tmp, dtype), 2)
     data = report.to_dict()
     if args.out:
         atomic_write_json(args.out, data)

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from nla_space.activations import pad_rows
 from nla_space.backbone import Backbone
 from nla_space.errors import NLAInputError
 from nla_space.policy import score_vectors
@@ -374,13 +375,7 @@ def reencode_rows(bb: Backbone, layer: int, token_ids: list[list[int]], batch_si
     no BOS, EOS-inclusive, read at the last valid token): (N, d) float32."""
     out = []
     for i in range(0, len(token_ids), batch_size):
-        chunk = [ids or [bb.pad_id] for ids in token_ids[i : i + batch_size]]
-        T = max(len(x) for x in chunk)
-        ids = torch.full((len(chunk), T), bb.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(chunk), T), dtype=torch.long)
-        for j, x in enumerate(chunk):
-            ids[j, : len(x)] = torch.tensor(x)
-            valid[j, : len(x)] = 1
+        ids, valid = pad_rows([ids or [bb.pad_id] for ids in token_ids[i : i + batch_size]], bb.pad_id)
         mask = eos_inclusive_mask(ids, bb.stop_ids) * valid
         out.append(reencode_ids(bb, layer, ids.to(bb.device), mask.to(bb.device)).cpu())
     return torch.cat(out)

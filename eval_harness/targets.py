@@ -43,7 +43,7 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from nla_space.activations import check_layer, hidden_at_layer, read_last_valid
+from nla_space.activations import check_layer, read_rows
 from nla_space.backbone import Backbone
 from nla_space.errors import NLAInputError
 from nla_space.hub import load_state_dict
@@ -130,20 +130,9 @@ def corpus_ids(backbone: Backbone, path: Path, seq_len: int, min_chars: int) -> 
 # -------------------------------------------------------------------------------------- encoding
 
 
-@torch.inference_mode()
 def encode_ids(backbone: Backbone, layer: int, rows: list[list[int]]) -> torch.Tensor:
     """Target vectors ``(B, d)`` float32: ``hidden_states[layer]`` at the last token of ``[BOS] + ids``."""
-    prefix = [backbone.bos_id] if backbone.bos_id is not None else []
-    full = [prefix + r for r in rows]
-    T = max(len(r) for r in full)
-    ids = torch.full((len(full), T), backbone.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(full), T), dtype=torch.long)
-    for i, r in enumerate(full):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    ids, mask = ids.to(backbone.device), mask.to(backbone.device)
-    hidden = hidden_at_layer(backbone, layer, input_ids=ids, attention_mask=mask)
-    return read_last_valid(hidden, mask).float().cpu()
+    return read_rows(backbone, layer, rows, batch_size=max(1, len(rows)))
 
 
 # ---------------------------------------------------------------------------------------- health

@@ -134,6 +134,31 @@ def encode_text(backbone: Backbone, text: str, max_tokens: int | None = None) ->
     return torch.tensor([ids], dtype=torch.long)
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(ids, mask)`` (B, T) long tensors of token rows (an empty row becomes one pad, masked)."""
+    T = max(1, max((len(r) for r in rows), default=1))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for j, r in enumerate(rows):
+        if len(r):
+            ids[j, : len(r)] = torch.tensor(list(r))
+            mask[j, : len(r)] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def read_rows(backbone: Backbone, layer: int, rows: list[list[int]], batch_size: int = 64) -> torch.Tensor:
+    """The activations ``(B, d)`` (float32, CPU) of token rows read like a text: ``[BOS] + row``,
+    right-padded, read at each row's last token (empty rows read the BOS alone)."""
+    prefix = [backbone.bos_id] if backbone.bos_id is not None else []
+    out = []
+    for i in range(0, len(rows), batch_size):
+        ids, mask = pad_rows([prefix + list(r) or [backbone.pad_id] for r in rows[i : i + batch_size]], backbone.pad_id)
+        ids, mask = ids.to(backbone.device), mask.to(backbone.device)
+        out.append(read_last_valid(hidden_at_layer(backbone, layer, input_ids=ids, attention_mask=mask), mask).float().cpu())
+    return torch.cat(out, dim=0)
+
+
 @torch.inference_mode()
 def extract_layers(backbone: Backbone, text: str, layers: Sequence[int], max_tokens: int | None = None) -> dict[int, torch.Tensor]:
     """The activation ``v`` (float32, shape (d,)) of ``text`` at each of ``layers``, read at its last

@@ -16,6 +16,7 @@ from typing import Any, Iterator, NoReturn, Sequence
 from .io import jsonl_lines
 from .errors import NLAInputError
 from .backbone import CPU_DTYPES
+from .guided import STRATEGIES
 from .policy import MAX_K, MAX_NEW_TOKENS, Verbalization
 from .sweep import LayerResult, sweep
 
@@ -154,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--temperature", type=_finite("--temperature", float), default=1.0)
     v.add_argument("--max-new-tokens", type=_finite("--max-new-tokens", int), default=None,
                    help=f"1..{MAX_NEW_TOKENS} (default: the card's, e.g. the length its AV was trained on)")
-    v.add_argument("--greedy", action="store_true", help="one greedy candidate instead of K samples")
+    v.add_argument("--greedy", action="store_true", help="one greedy candidate instead of K samples (= --strategy greedy)")
+    v.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="guided (a search steered by the score), best-of-k, or greedy (default: the card's)")
     v.add_argument("--seed", type=_finite("--seed", int), default=0)
     v.add_argument("--device", default=None, help="cpu, cuda, or auto (default)")
     v.add_argument("--dtype", choices=CPU_DTYPES, default=None,
@@ -174,7 +177,8 @@ def _cmd_verbalize(args: argparse.Namespace) -> int:
         raise NLAInputError("--layer all sweeps the layers of a text: give --text or --texts (a raw vector belongs to one layer)")
     opened = open_card(args.card, backbone=args.backbone, device=args.device, dtype=requested_dtype(args.dtype, args.device))
     params = dict(layer=args.layer, k=args.k, tau=args.tau, temperature=args.temperature,
-                  max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed)
+                  max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed,
+                  strategy=args.strategy)
     if args.texts:
         inputs = list(_read_texts(args.texts))
     elif args.vector:

@@ -57,3 +57,16 @@ def preallocated_cache(config: Any, capacity: int) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def reorder_cache(cache: DynamicCache, index: torch.Tensor) -> None:
+    """Make row ``i`` of every layer hold what row ``index[i]`` held (resampling in guided decoding)."""
+    for layer in cache.layers:
+        if isinstance(layer, PreallocatedLayer) and layer._k is not None:
+            layer._k = layer._k.index_select(0, index.to(layer._k.device))
+            layer._v = layer._v.index_select(0, index.to(layer._v.device))
+            layer.keys = layer._k[:, :, : layer._length]
+            layer.values = layer._v[:, :, : layer._length]
+        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
+            layer.values = layer.values.index_select(0, index.to(layer.values.device))

@@ -58,7 +58,13 @@ DEFAULT_PATH = REPO_ROOT / "assets" / "leaderboard.json"
 
 #: results ``meta.command`` → the table name used in card files (``published``)
 COMMAND_TABLES = {"centered-eval": "centered_eval", "rerank-eval": "rerank_eval", "oracle-ceiling": "oracle_ceiling",
-                  "policy-eval": "policy_eval", "roundtrip": "roundtrip"}
+                  "policy-eval": "policy_eval", "roundtrip": "roundtrip", "reading-eval": "reading_eval"}
+
+#: reading-eval runs reported per decoding strategy (results key → label), and their metrics
+READING_RUNS = (("guided_k16", "guided, K=16"), ("best-of-k_k16", "best-of-16"), ("best-of-k_k64", "best-of-64"), ("greedy", "greedy"))
+READING_METRICS = (("retrieval_top1", "1-in-n retrieval of its own activation"), ("minilm_top1", "MiniLM agreement (nearest own text)"),
+                   ("confident", "confident"), ("confident_right", "confident and right (1-in-40)"),
+                   ("confident_wrong", "confident and wrong (1-in-40)"), ("seconds_per_text", "seconds per text"))
 
 #: the τ (compass cosine scale) and λ at which a policy-eval sweep is reported (nla-at-home's defaults)
 POLICY_TAU, POLICY_LAMBDA = 0.30, 0.0
@@ -107,6 +113,9 @@ METRICS: tuple[Metric, ...] = (
                             ("oracle_retrieval_any", "any candidate retrieves the target", True))),
     Metric("roundtrip", "roundtrip_cos_mean", "round-trip cosine, mean-centred (AR or re-encode)", centered=False, fve=False),
     Metric("roundtrip", "correct_vs_wrong_top1", "round trip picks the right activation over a wrong one", centered=False, fve=False),
+    # reading-eval on a held-out text file (flattened by :func:`flat_values`: ``<run>_<metric>``)
+    *(Metric("reading_eval", f"{run}_{key}", f"{label}, {who}", centered=False, fve=False)
+      for run, who in READING_RUNS for key, label in READING_METRICS),
 )
 
 FINDING_KEYS = (
@@ -214,6 +223,8 @@ def reproduced_sources(results: Iterable[dict[str, Any]], cards: list[Card]) -> 
         ] or [f"{meta.get('backbone')}@L{meta.get('layer')}"]
         if table == "policy_eval" and (meta.get("args") or {}).get("compass"):
             table = "policy_eval_compass"
+        if table == "reading_eval" and (meta.get("args") or {}).get("texts") in (None, "None"):
+            table = "reading_eval_split"  # a corpus split: reported in docs, not in the held-out rows
         for cid in ids:
             src = out.setdefault(cid, Source({}, {}, {}, {}))
             values = flat_values(table, res)
@@ -241,6 +252,12 @@ def flat_values(table: str, res: dict[str, Any]) -> dict[str, Any]:
         values.update(policy_confident_right=at.get("confident_right"), policy_confident_wrong=at.get("confident_wrong"),
                       policy_hedged=at.get("hedged"), oracle_retrieval_any=first.get("oracle_retrieval_any"),
                       K=res.get("n_samples"), M=first.get("n"))
+    elif table.startswith("reading_eval"):
+        runs = res.get("results") or {}
+        for run, r in runs.items():
+            values.update({f"{run}_{k}": v for k, v in r.items() if k != "examples" and isinstance(v, (int, float, type(None)))})
+        values.update(M=next(iter(runs.values()), {}).get("n"), K=None)
+        values.pop("results", None)
     elif table == "roundtrip":
         arm = (res.get("arms") or {}).get("roundtrip") or {}
         tops = [_num(v.get("top1")) for v in (res.get("correct_vs_wrong") or {}).values() if isinstance(v, dict)]
@@ -364,7 +381,7 @@ def build_leaderboard(results: Iterable[dict[str, Any]] = (), cards: list[Card] 
 
 
 #: card tables read into rows (:data:`METRICS`) or K-curves; never repeated in ``other_published``
-_ROW_TABLES = {"source", "note", "centered_eval", "rerank_eval", "oracle_ceiling", "policy_eval", "policy_eval_compass", "roundtrip", "bestof_cen", "bestof_raw",
+_ROW_TABLES = {"source", "note", "reading_eval", "reading_eval_split", "centered_eval", "rerank_eval", "oracle_ceiling", "policy_eval", "policy_eval_compass", "roundtrip", "bestof_cen", "bestof_raw",
                "kcurve_oracle_top1_cen", "training"}
 
 

@@ -1,8 +1,11 @@
-"""Best-of-K selection and τ hedging.
+"""Candidate selection and τ hedging.
 
-Sample K candidates in one batched call, re-encode all K, score each raw and (when the card has μ)
-centered, pick ``best = argmax`` of the centered score (raw when no μ), and hedge when that best
-score is under τ. Greedy mode is one greedy candidate. The scorer is a parameter so that
+Candidates come from a decoding strategy (best-of-K sampling, guided decoding, or one greedy
+candidate: :data:`nla_space.guided.STRATEGIES`); all are re-encoded and scored raw and (when the card
+has μ) centered. On a card that ships a specificity pool (:mod:`nla_space.specificity`) each also gets
+its specificity ``z`` and calibrated confidence; ``best`` is then the argmax of ``z`` and the answer
+is hedged when its confidence is under τ. Otherwise ``best`` is the argmax of the centered score (raw
+when no μ) and the answer is hedged when that score is under τ. The scorer is a parameter so that
 reconstructor-scored cards use the same policy.
 """
 
@@ -17,6 +20,7 @@ import torch
 
 from .rollout import Rollout
 from .scoring import fve_nrm, fve_nrm_centered
+from .specificity import Specificity
 
 #: Largest K the CLI and the app accept.
 MAX_K = 256
@@ -29,6 +33,9 @@ class Candidate:
     token_ids: list[int]
     score_raw: float
     score_cen: float | None
+    #: contrastive specificity z and its calibrated confidence (cards with a pool; :mod:`nla_space.specificity`)
+    specificity: float | None = None
+    confidence: float | None = None
 
 
 @dataclass
@@ -50,15 +57,28 @@ class Verbalization:
     notes: list[str] = field(default_factory=list)
     #: a second opinion over the same candidates (the compass rerank, :func:`nla_space.compass.opinion`), or None
     compass: dict[str, Any] | None = None
+    strategy: str = "best-of-k"
+    #: what "confident" means on this card (calibrated cards), for the badge
+    confidence_meaning: str | None = None
 
     @property
     def best(self) -> Candidate:
         return self.candidates[self.best_index]
 
     @property
+    def criterion(self) -> str:
+        """What :attr:`score` is: ``confidence`` (calibrated cards), ``centered`` or ``raw`` fve."""
+        if self.best.confidence is not None:
+            return "confidence"
+        return "centered" if self.centered and self.best.score_cen is not None else "raw"
+
+    @property
     def score(self) -> float:
-        """The score used for selection and hedging (centered when available)."""
+        """The score used for hedging: the calibrated confidence where the card has one, else the
+        centered fve when available, else the raw fve."""
         b = self.best
+        if b.confidence is not None:
+            return b.confidence
         return b.score_cen if self.centered and b.score_cen is not None else b.score_raw
 
     @property
@@ -73,11 +93,14 @@ class Verbalization:
             "tau": self.tau,
             "trained": self.trained,
             "greedy": self.greedy,
+            "strategy": self.strategy,
             "temperature": self.temperature,
             "seed": self.seed,
             "centered": self.centered,
             "hedged": self.hedged,
             "score": self.score,
+            "criterion": self.criterion,
+            "confidence_meaning": self.confidence_meaning,
             "best_index": self.best_index,
             "best": asdict(self.best),
             "candidates": [asdict(c) for c in self.candidates],
@@ -98,9 +121,9 @@ def score_vectors(h: torch.Tensor, v: torch.Tensor, mu: torch.Tensor | None) -> 
     return raw, cen
 
 
-def select_best(raw: torch.Tensor, cen: torch.Tensor | None) -> int:
-    """argmax of the centered score when there is one, else of the raw score."""
-    return int((cen if cen is not None else raw).argmax())
+def select_best(raw: torch.Tensor, cen: torch.Tensor | None, spec: torch.Tensor | None = None) -> int:
+    """argmax of the specificity when there is one, else of the centered score, else of the raw score."""
+    return int((spec if spec is not None else cen if cen is not None else raw).argmax())
 
 
 def best_of_k(
@@ -109,16 +132,21 @@ def best_of_k(
     h: torch.Tensor,
     v: torch.Tensor,
     mu: torch.Tensor | None,
+    specificity: Specificity | None = None,
 ) -> tuple[list[Candidate], int]:
     """Build scored candidates from a rollout and its re-encoded vectors; return them and the best index."""
     raw, cen = score_vectors(h, v, mu)
+    z = specificity.z(h, v) if specificity is not None else None
+    conf = specificity.confidence(z) if specificity is not None and z is not None else None
     cands = []
     for i in range(rollout.ids.shape[0]):
         n = int(rollout.mask[i].sum())
         ids = [int(t) for t in rollout.ids[i, :n]]
         s_cen = float(cen[i]) if cen is not None else None
-        cands.append(Candidate(text=decode(ids), token_ids=ids, score_raw=float(raw[i]), score_cen=s_cen))
-    return cands, select_best(raw, cen)
+        cands.append(Candidate(text=decode(ids), token_ids=ids, score_raw=float(raw[i]), score_cen=s_cen,
+                               specificity=float(z[i]) if z is not None else None,
+                               confidence=float(conf[i]) if conf is not None else None))
+    return cands, select_best(raw, cen, z)
 
 
 class Timer:
@@ -159,6 +187,8 @@ def run(
     progress: Callable[[float, str], None] | None = None,
     score_label: str = "re-encoding and scoring",
     second_opinion: Callable[[list[Candidate], torch.Tensor], dict[str, Any]] | None = None,
+    strategy: str = "best-of-k",
+    confidence_meaning: str | None = None,
 ) -> Verbalization:
     """The one verbalize flow every card kind walks: read v, sample, score, pick, time it.
 
@@ -173,7 +203,7 @@ def run(
     step(0.0, "reading the activation")
     with timer.phase("extract_s"):
         v = read()
-    step(0.1, f"sampling {1 if greedy else k} candidate(s)")
+    step(0.1, "guided search" if strategy == "guided" else f"sampling {1 if greedy else k} candidate(s)")
     with timer.phase("sample_s"):
         rollout = roll(v)
     step(0.7, score_label)
@@ -201,7 +231,24 @@ def run(
         timings=timer.times,
         notes=list(notes),
         compass=second,
+        strategy=strategy,
+        confidence_meaning=confidence_meaning,
     )
+
+
+def resolve_strategy(strategy: str | None, greedy: bool, default: str) -> str:
+    """The decoding strategy of a request: ``greedy=True`` means ``"greedy"``; None means the card's default."""
+    from .errors import NLAInputError
+    from .guided import STRATEGIES
+
+    if greedy:
+        if strategy not in (None, "greedy"):
+            raise NLAInputError(f"greedy=True contradicts strategy={strategy!r}")
+        return "greedy"
+    strategy = default if strategy is None else strategy
+    if strategy not in STRATEGIES:
+        raise NLAInputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    return strategy
 
 
 def check_params(k: int, tau: float, temperature: float, max_new_tokens: int, seed: int | None = None) -> None:

@@ -42,7 +42,8 @@ def eos_inclusive_mask(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     return (stops_before == 0).long()
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+def pick_next(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row: argmax when ``greedy`` (or T = 0), else a draw at ``temperature`` within ``top_p``."""
     if greedy or temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
@@ -96,7 +97,7 @@ def sample(
     out = model(inputs_embeds=prefix, attention_mask=mask[:, :P], past_key_values=cache, use_cache=True, logits_to_keep=last)
     steps = 0
     for t in range(max_new_tokens):
-        nxt = _pick(out.logits[:, -1, :], temperature, top_p, greedy, generator)
+        nxt = pick_next(out.logits[:, -1, :], temperature, top_p, greedy, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         out_ids[:, t] = nxt
         done_now = torch.isin(nxt, stop)

@@ -5,6 +5,7 @@ the app and the harness all walk (text → activation → K samples → re-encod
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -13,13 +14,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import activations, policy
+from . import activations, guided, policy
 from .backbone import Backbone, load_backbone, resolve_device, resolve_dtype
 from .cards import Card, find_card
 from .errors import CheckpointError, NLAInputError
 from .hub import load_state_dict, snapshot
 from .reencode import reencode_ids
 from .rollout import Rollout, sample
+from .specificity import Specificity
 from .verbalizers.config import NLAConfig
 from .verbalizers.prefix import PrefixAV, build_prefix_av, find_weights, load_adapter_weights
 
@@ -90,6 +92,13 @@ class OpenCard:
     #: the card's compass (:class:`nla_space.compass.CompassScorer`), reranking beside the oracle pick; None without one
     compass: Any = None
     compass_tau: float = 0.30
+    #: the card's contrastive scorer and calibration (:mod:`nla_space.specificity`); None without a pool
+    specificity: Specificity | None = None
+    #: the decoding strategy of a request that names none (:data:`nla_space.guided.STRATEGIES`)
+    default_strategy: str = "best-of-k"
+    #: β of guided decoding's potential exp(β φ), and whether word-boundary prefixes are candidates (:mod:`nla_space.guided`)
+    guided_beta: float = guided.DEFAULT_BETA
+    guided_prefixes: bool = True
 
     @property
     def layers(self) -> list[int]:
@@ -175,12 +184,7 @@ class OpenCard:
 
         bb = self.backbone
         rows = [[int(i) for i in bb.tokenizer(t, add_special_tokens=False)["input_ids"]] or [bb.pad_id] for t in texts]
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), bb.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(rows), T), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r)
-            valid[j, : len(r)] = 1
+        ids, valid = activations.pad_rows(rows, bb.pad_id)
         return self.reconstruct(Rollout(ids=ids, mask=eos_inclusive_mask(ids, bb.stop_ids) * valid), layer)
 
     def score_target(self, v: torch.Tensor, layer: int) -> torch.Tensor:
@@ -211,27 +215,66 @@ class OpenCard:
         greedy: bool = False,
         seed: int | None = None,
         progress: ProgressFn | None = None,
+        strategy: str | None = None,
     ) -> policy.Verbalization:
         """Verbalize ``text``'s activation at ``layer`` (default: the card's), or a raw ``vector``; a
-        ``vector`` given with its ``text`` is that text's activation, read already (the layer sweep)."""
+        ``vector`` given with its ``text`` is that text's activation, read already (the layer sweep).
+        ``strategy``: ``best-of-k``, ``guided`` or ``greedy`` (default: the card's)."""
         tau = self.card.default_tau if tau is None else tau
         max_new_tokens = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         policy.check_params(k, tau, temperature, max_new_tokens, seed)
+        strategy = policy.resolve_strategy(strategy, greedy, self.default_strategy)
+        greedy = strategy == "greedy"
         layer = self.check_layer(layer)
 
         def score(roll: Rollout, v: torch.Tensor) -> tuple[list[policy.Candidate], int, bool]:
-            h = reencode_ids(self.backbone, layer, roll.ids, roll.mask)
-            decode = lambda ids: self.backbone.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-            cands, best = policy.best_of_k(roll, decode, h, v, self.mu)
+            h = self.reconstruct(roll, layer)
+            cands, best = policy.best_of_k(roll, self.decode_ids, h, v, self.mu, self.specificity)
             return cands, best, self.mu is not None
 
+        def roll(v: torch.Tensor) -> Rollout:
+            if strategy == "guided":
+                return self.guided(v, k, temperature, max_new_tokens, seed, layer)
+            return self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer)
+
+        calib = self.specificity.calibration if self.specificity is not None else None
         return policy.run(
             card=self.card.id, trained=self.trained, layer=layer, k=k, tau=tau, temperature=temperature,
             greedy=greedy, seed=seed, notes=self.notes,
             read=lambda: self.check_vector(vector) if vector is not None else self.extract(text, layer),
-            roll=lambda v: self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer),
-            score=score, progress=progress, second_opinion=self._compass_opinion(layer),
+            roll=roll, score=score, progress=progress, second_opinion=self._compass_opinion(layer),
+            strategy=strategy, confidence_meaning=calib.meaning() if calib is not None else None,
         )
+
+    def decode_ids(self, ids: list[int]) -> str:
+        return self.backbone.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- guided decoding (nla_space.guided): a kind supplies its stepper, tracker and potential --
+
+    def stepper(self, v: torch.Tensor, layer: int, max_new_tokens: int) -> guided.Stepper:
+        return guided.EmbedsStepper(self.backbone, self.av.embeds(v.to(self.backbone.device)[None], self.backbone, layer), max_new_tokens)
+
+    def tracker(self, layer: int, n: int, max_new_tokens: int) -> guided.Tracker:
+        return guided.ReencodeTracker(self.backbone, layer, max_new_tokens)
+
+    def potential(self, v: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """φ of guided decoding: the specificity where the card has a pool, else 10 × the centered
+        (raw without μ) fve, so that β = 1 weighs a 0.1 fve step like one pool standard deviation."""
+        if self.specificity is not None:
+            spec = self.specificity
+            return lambda h: spec.z(h, v)
+        return lambda h: 10.0 * policy.score_vectors(h, v, self.mu)[1 if self.mu is not None else 0]
+
+    def guided(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, seed: int | None, layer: int) -> Rollout:
+        """The K best distinct candidates of a guided search (:func:`nla_space.guided.smc`)."""
+        bb = self.backbone
+        gen = torch.Generator(device=bb.device)
+        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        settings = guided.GuidedSettings(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=self.top_p,
+                                         beta=self.guided_beta, prefixes=self.guided_prefixes)
+        cands = guided.smc(self.stepper(v, layer, max_new_tokens), self.tracker(layer, k, max_new_tokens), self.potential(v),
+                           settings, gen, bb.stop_ids, bb.pad_id, guided.word_starts(bb.tokenizer))
+        return guided.as_rollout(cands, k, bb.pad_id, bb.stop_ids)
 
     def _compass_opinion(self, layer: int) -> Callable[[list[policy.Candidate], torch.Tensor], dict[str, Any]] | None:
         if self.compass is None or not self.compass.supports(layer):
@@ -239,6 +282,15 @@ class OpenCard:
         from .compass import opinion
 
         return lambda cands, v: opinion(self.compass, [c.text for c in cands], v, layer, self.compass_tau)
+
+
+#: card kind → ``module:function`` that opens it (imported on first use, so kinds may import this module)
+OPEN_PREFIX = "nla_space.runtime:open_card"
+CARD_KINDS: dict[str, str] = {
+    "prefix": OPEN_PREFIX,
+    "injection": "nla_space.verbalizers.injection:open_injection_card",
+    "patch": "nla_space.verbalizers.patch_card:open_patch_card",
+}
 
 
 def open_card(
@@ -254,12 +306,12 @@ def open_card(
     backbone runs in float32 on CPU and in the card's ``backbone.dtype`` on CUDA. The AV stays
     float32 and casts its output to the backbone dtype; scores are float32 either way."""
     card = card if isinstance(card, Card) else find_card(card)
-    if card.kind == "injection":
-        from .verbalizers.injection import open_injection_card
-
-        return open_injection_card(card, backbone=backbone, device=device, revision=revision, dtype=dtype)  # type: ignore[return-value]
-    if card.kind != "prefix":
-        raise NLAInputError(f"card {card.id}: kind {card.kind!r} is not supported by this version")
+    opener = CARD_KINDS.get(card.kind)
+    if opener is None:
+        raise NLAInputError(f"card {card.id}: kind {card.kind!r} is not supported by this version (kinds: {', '.join(CARD_KINDS)})")
+    if opener != OPEN_PREFIX:
+        module, name = opener.split(":")
+        return getattr(importlib.import_module(module), name)(card, backbone=backbone, device=device, revision=revision, dtype=dtype)
     bb_spec = backbone or card.backbone_id
     bb_rev = revision if backbone else card.backbone.get("revision")
     bb = shared_backbone(bb_spec, bb_rev, device, dtype, default_dtype=card.backbone.get("dtype"))

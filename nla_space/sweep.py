@@ -43,7 +43,8 @@ class SweepCard(Protocol):
 
     def verbalize(self, text: str | None = None, vector: Any = None, layer: int | None = None, k: int = 16,
                   tau: float | None = None, temperature: float = 1.0, max_new_tokens: int | None = None,
-                  greedy: bool = False, seed: int | None = None, progress: ProgressFn | None = None) -> Verbalization: ...
+                  greedy: bool = False, seed: int | None = None, progress: ProgressFn | None = None,
+                  strategy: str | None = None) -> Verbalization: ...
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def sweep(
     greedy: bool = False,
     seed: int | None = 0,
     progress: ProgressFn | None = None,
+    strategy: str | None = None,
 ) -> list[LayerResult]:
     """Verbalize ``text`` at each layer of :func:`sweep_layers` with the same parameters.
 
@@ -109,7 +111,7 @@ def sweep(
             step((i + frac) / n, f"layer {ell} ({i + 1}/{n}): {msg}")
 
         res = card.verbalize(text=text, vector=vectors[ell], layer=ell, k=k, tau=tau, temperature=temperature,
-                             max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, progress=inner)
+                             max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, progress=inner, strategy=strategy)
         out.append(LayerResult.of(res, card.depth_pct(ell)))
         log.info("sweep: layer %d score %.3f %s", ell, res.score, "hedged" if res.hedged else "confident")
     step(1.0, "done")

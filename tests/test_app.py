@@ -225,7 +225,7 @@ def test_a_burst_is_served_in_turn_and_one_failure_does_not_spill(client) -> Non
 
 @pytest.mark.e2e
 def test_ui_event_renders_every_output(client) -> None:
-    out = client.predict(TEXT, "nla-space/smollm2-135m-L21", 21, 3, 0.6, 1.0, 1, False, api_name="/verbalize_ui")
+    out = client.predict(TEXT, "nla-space/smollm2-135m-L21", 21, 3, 0.6, 1.0, 1, False, "default", api_name="/verbalize_ui")
     badge, best, notes, compass, heat, table, plot, timings, download, raw = out
     assert ("CONFIDENT" in badge) != ("HEDGED" in badge)
     assert best and isinstance(heat, dict | list)
@@ -242,8 +242,8 @@ def test_ui_event_renders_every_output(client) -> None:
 @pytest.mark.e2e
 def test_compare_runs_two_settings_side_by_side(client) -> None:
     card = "nla-space/smollm2-135m-L21"
-    side_a = [card, 21, 2, 0.6, 1.0, 0, False]  # best-of-2
-    side_b = [card, 21, 2, 0.6, 1.0, 0, True]  # greedy
+    side_a = [card, 21, 2, 0.6, 1.0, 0, False, "best-of-k"]  # best-of-2
+    side_b = [card, 21, 2, 0.6, 1.0, 0, True, "default"]  # greedy
     out = client.predict("Water boils at a lower temperature at altitude.", *side_a, *side_b, api_name="/compare_ui")
     badge_a, best_a, summary_a, table_a, badge_b, best_b, summary_b, table_b = out
     assert "best-of-2" in summary_a and "greedy" in summary_b

@@ -180,3 +180,52 @@ def strip_run_meta(res: dict) -> dict:
     meta = {k: v for k, v in res.pop("meta").items() if k not in VOLATILE_META}
     res["meta"] = meta
     return res
+
+
+# --- Patch AVs (nla_space.verbalizers.patch): a saved tiny backbone, a perturbed LoRA, μ, pool, card file ---
+
+PATCH_MODULES = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+SENTENCES = [
+    "the cat is on the tree .", "a dog and a bird in the house", "paris is a city in france",
+    "the king and the queen of the sea", "one two three four five", "music and art and history",
+    "the student is happy", "a fast car on the road", "the moon and the sun in the sky .",
+    "people love the old book", "water fire earth light", "the teacher of the school is sad",
+]
+
+
+def make_patch_card(tmp: Path, arch: str = "llama", layer: int = 2, seed: int = 0, calibration: dict | None = None,
+                    default_strategy: str = "guided") -> Path:
+    """A complete patch card for a saved tiny backbone: the card JSON path (AV folder beside it)."""
+    import json
+
+    from nla_space.activations import read_rows
+    from nla_space.backbone import load_backbone
+    from nla_space.io import save_tensors
+    from nla_space.verbalizers.patch import SPEC_FILE, PatchSpec, attach
+
+    bb_dir = save_backbone(tmp / f"bb-{arch}", arch, seed=seed)
+    bb = load_backbone(str(bb_dir))
+    spec = PatchSpec(layer=layer, r=4, alpha=8, max_new_tokens=12,
+                     target_modules=PATCH_MODULES.get(arch, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    pm = attach(bb, spec, trainable=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    av = tmp / f"av-{arch}"
+    pm.save_pretrained(str(av))
+    (av / SPEC_FILE).write_text(json.dumps(spec.to_dict()))
+    rows = [list(bb.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in SENTENCES]
+    V = read_rows(bb, layer, rows)
+    save_tensors(av / "mu.safetensors", {"mu": V.mean(0)})
+    save_tensors(av / "pool.safetensors", {"pool": V.half()})
+    patch: dict = {"pool_file": "pool.safetensors", "default_strategy": default_strategy}
+    if calibration:
+        patch["calibration"] = calibration
+    card = {"id": f"local/patch-{arch}", "kind": "patch", "backbone": {"id": str(bb_dir)}, "layers": [layer],
+            "av": {"folder": str(av)}, "mu_file": "mu.safetensors", "patch": patch,
+            "default_tau": calibration["tau"] if calibration else 0.5}
+    path = tmp / f"card-{arch}.json"
+    path.write_text(json.dumps(card))
+    return path

@@ -4,7 +4,8 @@ A card file holds every card-specific fact, so the code never branches on a mode
 
 ``id``            hub id of the verbalizer (or ``nla-space/…`` for ours), also accepted by ``--card``
 ``aliases``       short names for ``--card``
-``kind``          ``"prefix"`` (SRT family) or ``"injection"`` (token-injection AVs) — the verbalizer class to build
+``kind``          ``"prefix"`` (SRT family), ``"injection"`` (token-injection AVs) or ``"patch"`` (v written at its
+                  own layer, LoRA above it) — the verbalizer class to build (:data:`nla_space.runtime.CARD_KINDS`)
 ``backbone``      ``{"id", "revision", "dtype", "shape"}``; ``id`` may be ``embedded:NAME``; ``shape`` (optional)
                   holds the architecture config fields a random-weight model of the same size needs
                   (``bench --random-weights``), with the ``source`` they were read from
@@ -18,6 +19,8 @@ A card file holds every card-specific fact, so the code never branches on a mode
 ``injection``     (kind ``injection``) marker, template, injection rule and scale, depth rule, parsing;
                   see :mod:`nla_space.verbalizers.injection`
 ``reconstructor`` (kind ``injection``) the AR that scores candidates; see :mod:`nla_space.reconstructors`
+``patch``         (kind ``patch``) ``pool_file``, ``default_strategy``, ``calibration``; see
+                  :mod:`nla_space.verbalizers.patch_card` and :mod:`nla_space.specificity`
 ``compass``       optional ``{"file", "block_offset", "tau"}``: a compass (:mod:`nla_space.compass`) in the AV
                   folder whose rerank of the same candidates is reported beside the oracle (re-encode) pick;
                   ``tau`` is on the compass's cosine scale (default 0.30)
@@ -57,6 +60,8 @@ class Card:
     injection: dict[str, Any] = field(default_factory=dict)
     reconstructor: dict[str, Any] = field(default_factory=dict)
     compass: dict[str, Any] = field(default_factory=dict)
+    #: kind "patch" only: pool file, default strategy, calibration (see nla_space.verbalizers.patch_card)
+    patch: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     license: str = ""
     source_file: str | None = None
@@ -93,7 +98,7 @@ class Card:
         for name in ("id", "kind", "title", "description", "license"):
             if not isinstance(getattr(card, name), str):
                 raise CheckpointError(f"{source}: '{name}' must be a string, got {getattr(card, name)!r}")
-        for name in ("backbone", "av", "anchors", "published", "injection", "reconstructor", "compass"):
+        for name in ("backbone", "av", "anchors", "published", "injection", "reconstructor", "compass", "patch"):
             if not isinstance(getattr(card, name), dict):
                 raise CheckpointError(f"{source}: '{name}' must be a JSON object, got {getattr(card, name)!r}")
         if not isinstance(card.aliases, list) or not all(isinstance(a, str) for a in card.aliases):

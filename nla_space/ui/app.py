@@ -28,8 +28,11 @@ def api_verbalize(
     tau: float | None = None,
     temperature: float = 1.0,
     seed: int | None = 0,
+    strategy: str | None = None,
+    greedy: bool = False,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Verbalize the activation of `text` at the card's layer (best-of-K with τ hedging).
+    """Verbalize the activation of `text` at the card's layer (guided or best-of-K, with τ hedging).
 
     Args:
         text: the text whose last-token activation is verbalized.
@@ -39,10 +42,14 @@ def api_verbalize(
         tau: hedging threshold in [0, 1]; default: the card's.
         temperature: sampling temperature.
         seed: random seed (null: a fresh one).
+        strategy: "guided", "best-of-k" or "greedy" (null: the card's default).
+        greedy: one greedy candidate (same as strategy "greedy").
+        max_new_tokens: rollout length (null: the card's default).
 
     Returns the same JSON object as `python -m nla_space verbalize --json`.
     """
-    result, _ = handlers.run_checked(text=text, card=card, layer=layer, k=k, tau=tau, temperature=temperature, seed=seed)
+    result, _ = handlers.run_checked(text=text, card=card, layer=layer, k=k, tau=tau, temperature=temperature, seed=seed,
+                                     strategy=strategy, greedy=greedy, max_new_tokens=max_new_tokens)
     return result
 
 

@@ -21,7 +21,7 @@ def _side(name: str, prefix: str, **defaults: Any) -> tuple[dict[str, Any], list
         summary = gr.Markdown(elem_id=f"{prefix}summary")
         table = gr.Dataframe(headers=views.CANDIDATE_COLUMNS, label="Candidates", wrap=True, interactive=False,
                              max_height=300, elem_id=f"{prefix}candidates",
-                             column_widths=["8%", "9%", "12%", "12%", "10%", "49%"])
+                             column_widths=["7%", "7%", "10%", "10%", "10%", "10%", "46%"])
     return s, [badge, best, summary, table]
 
 
@@ -41,7 +41,7 @@ def build(concurrency: int) -> None:
     with gr.Row():
         run = gr.Button("Compare", variant="primary", elem_id="compare-run")
         stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
-    keys = ["card", "layer", "k", "tau", "temperature", "seed", "greedy"]
+    keys = ["card", "layer", "k", "tau", "temperature", "seed", "greedy", "strategy"]
 
     def on_compare(text: str, *vals: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
         pa = dict(zip(keys, vals[: len(keys)]))

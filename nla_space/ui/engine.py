@@ -164,6 +164,7 @@ class Request:
     seed: int | None
     greedy: bool
     max_new_tokens: int | None  #: None: the card's default, capped at APP_MAX_NEW_TOKENS
+    strategy: str | None = None  #: None: the card's default (:data:`nla_space.guided.STRATEGIES`)
 
 
 def check_request(
@@ -176,6 +177,7 @@ def check_request(
     seed: Any = 0,
     greedy: Any = False,
     max_new_tokens: Any = None,
+    strategy: Any = None,
 ) -> Request:
     """Normalise and check one request; raise :class:`NLAInputError` with a readable message."""
     if not isinstance(text, str) or not text.strip():
@@ -198,7 +200,20 @@ def check_request(
         seed=None if seed in (None, "") else _as_int("seed", seed, 0, 2**63 - 1),
         greedy=bool(greedy),
         max_new_tokens=None if max_new_tokens in (None, "") else _as_int("max_new_tokens", max_new_tokens, 1, APP_MAX_NEW_TOKENS),
+        strategy=_as_strategy(strategy, bool(greedy)),
     )
+
+
+def _as_strategy(value: Any, greedy: bool) -> str | None:
+    """``None``/``""``/``"default"``: the card's default; else one of the strategies (greedy must agree)."""
+    from ..guided import STRATEGIES
+    from ..policy import resolve_strategy
+
+    if value in (None, "", "default"):
+        return "greedy" if greedy else None
+    if not isinstance(value, str) or value not in STRATEGIES:
+        raise NLAInputError(f"strategy must be one of default, {', '.join(STRATEGIES)}, got {value!r}")
+    return resolve_strategy(value, greedy, value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,7 +228,8 @@ def _rollout_seconds(k: int, greedy: bool, max_new_tokens: int | None) -> int:
 
 
 def gpu_seconds(card_id: str, text: str, layer: int | None, k: int, tau: float | None, temperature: float,
-                seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, progress: Any = None) -> int:
+                seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, strategy: str | None = None,
+                progress: Any = None) -> int:
     """ZeroGPU reservation for one request, sized by K (same signature as :func:`run_verbalize`)."""
     return int(min(MAX_GPU_SECONDS, 15 + _rollout_seconds(k, greedy, max_new_tokens)))
 
@@ -270,7 +286,7 @@ def token_heat(oc: Any, text: str, layer: int) -> list[tuple[str, float]]:
 
 @gpu(duration=gpu_seconds)
 def run_verbalize(card_id: str, text: str, layer: int | None, k: int, tau: float | None, temperature: float,
-                  seed: int | None, greedy: bool = False, max_new_tokens: int | None = None,
+                  seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, strategy: str | None = None,
                   progress: Any = None) -> dict[str, Any]:
     """Verbalize on the card's device. Returns plain CPU data only: ``{"result": Verbalization.to_dict(),
     "heat": [(token, value), ...]}``, or ``{"error": message}`` for a user error (so that on ZeroGPU the
@@ -278,7 +294,8 @@ def run_verbalize(card_id: str, text: str, layer: int | None, k: int, tau: float
     try:
         oc, max_new_tokens = _opened_with_length(card_id, max_new_tokens)
         res = oc.verbalize(text=text, layer=layer, k=k, tau=tau, temperature=temperature,
-                           max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, progress=_progress_fn(progress))
+                           max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, progress=_progress_fn(progress),
+                           strategy=strategy)
         return {"result": res.to_dict(), "heat": token_heat(oc, text, res.layer)}
     except NLAInputError as exc:
         return {"error": str(exc)}
@@ -305,7 +322,7 @@ def verbalize(req: Request, progress: Callable[..., Any] | None = None) -> tuple
     """Open the card in the main process (once), then run the GPU function; user errors raise NLAInputError."""
     get_open(req.card)
     out = run_verbalize(req.card, req.text, req.layer, req.k, req.tau, req.temperature, req.seed,
-                        req.greedy, req.max_new_tokens, progress=progress)
+                        req.greedy, req.max_new_tokens, req.strategy, progress=progress)
     if "error" in out:
         raise NLAInputError(out["error"])
     return out["result"], out["heat"]

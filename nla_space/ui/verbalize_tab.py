@@ -12,7 +12,7 @@ from ..cards import REPO_ROOT, find_card
 from . import engine, handlers, views
 
 EXAMPLES_FILE = REPO_ROOT / "assets" / "examples.json"
-DEFAULT_K = 8
+DEFAULT_K = 16  #: the API default too (api_verbalize)
 
 
 def load_examples(path: Path = EXAMPLES_FILE) -> list[dict[str, str]]:
@@ -43,8 +43,11 @@ def settings(prefix: str, *, k: int = DEFAULT_K, greedy: bool = False, seed: int
         temp = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature", elem_id=f"{prefix}temperature")
         sd = gr.Number(value=seed, precision=0, minimum=0, label="Seed", elem_id=f"{prefix}seed")
         gr_ = gr.Checkbox(value=greedy, label="Greedy (one greedy candidate instead of best-of-K)", elem_id=f"{prefix}greedy")
+        strat = gr.Radio(choices=[("card default", "default"), ("guided", "guided"), ("best-of-K", "best-of-k")], value="default",
+                         label="Decoding", elem_id=f"{prefix}strategy",
+                         info="guided: a search steered by how specifically each partial text points back to the activation")
     c.change(handlers.card_changed, c, [layer, tau], queue=False, api_visibility="private")
-    return {"card": c, "layer": layer, "k": ks, "tau": tau, "temperature": temp, "seed": sd, "greedy": gr_}
+    return {"card": c, "layer": layer, "k": ks, "tau": tau, "temperature": temp, "seed": sd, "greedy": gr_, "strategy": strat}
 
 
 def build(concurrency: int) -> dict[str, Any]:
@@ -76,8 +79,8 @@ def build(concurrency: int) -> dict[str, Any]:
         with gr.Column(scale=6):
             table = gr.Dataframe(headers=views.CANDIDATE_COLUMNS, label="Candidates (sorted by score; ★ = oracle pick, ◆ = compass pick)",
                                  elem_id="candidates", wrap=True, interactive=False, max_height=420,
-                                 column_widths=["6%", "7%", "11%", "11%", "10%", "55%"],
-                                 datatype=["number", "str", "number", "number", "number", "str"])
+                                 column_widths=["6%", "6%", "9%", "9%", "9%", "9%", "52%"],
+                                 datatype=["number", "str", "number", "number", "number", "number", "str"])
         with gr.Column(scale=5):
             plot = gr.Plot(label="Scores of the K candidates, τ, and the card's floor and ceiling", show_label=False,
                            elem_id="score-plot")
@@ -101,12 +104,12 @@ def build(concurrency: int) -> dict[str, Any]:
             sweep_raw = gr.JSON(elem_id="sweep-json")
 
     def on_run(text: str, card: str, layer: Any, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
-               progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+               strategy: str = "default", progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
         result, heat_ = handlers.run_checked(progress=progress, text=text, card=card, layer=layer, k=k, tau=tau,
-                                             temperature=temperature, seed=seed, greedy=greedy)
+                                             temperature=temperature, seed=seed, greedy=greedy, strategy=strategy)
         return handlers.render(result, heat_)
 
-    inputs = [text, s["card"], s["layer"], s["k"], s["tau"], s["temperature"], s["seed"], s["greedy"]]
+    inputs = [text, s["card"], s["layer"], s["k"], s["tau"], s["temperature"], s["seed"], s["greedy"], s["strategy"]]
     outputs = [badge, best, notes, compass, heat, table, plot, timings, download, raw]
     ev = run.click(on_run, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,
                    api_visibility="undocumented", api_name="verbalize_ui", show_progress="full")

@@ -12,10 +12,13 @@ import pandas as pd
 
 from ..cards import Card
 
-CANDIDATE_COLUMNS = ["rank", "chosen", "score (centered)", "score (raw)", "compass f", "candidate"]
+CANDIDATE_COLUMNS = ["rank", "chosen", "specificity", "score (centered)", "score (raw)", "compass f", "candidate"]
 
 
 def score_kind(result: dict[str, Any]) -> str:
+    """What the hedged score is: ``confidence`` (calibrated cards), else ``centered`` or ``raw`` fve."""
+    if result.get("criterion") == "confidence":
+        return "confidence"
     return "centered" if result.get("centered") else "raw"
 
 
@@ -32,6 +35,8 @@ def badge_html(result: dict[str, Any]) -> str:
     if not result.get("trained", False):
         parts.append('<span class="nla-badge nla-untrained">UNTRAINED AV</span>')
     parts.append("</div>")
+    if result.get("confidence_meaning"):
+        parts.append(f'<div class="nla-meaning">{escape(result["confidence_meaning"])}</div>')
     return "".join(parts)
 
 
@@ -50,6 +55,9 @@ def notes_markdown(result: dict[str, Any]) -> str:
 
 
 def _sort_key(c: dict[str, Any], centered: bool) -> float:
+    """Candidates in selection order: specificity where the card has it, else the centered or raw score."""
+    if c.get("specificity") is not None:
+        return -float(c["specificity"])
     s = c["score_cen"] if centered and c.get("score_cen") is not None else c["score_raw"]
     return -float(s)
 
@@ -67,6 +75,7 @@ def candidates_frame(result: dict[str, Any]) -> pd.DataFrame:
         rows.append({
             "rank": rank,
             "chosen": mark,
+            "specificity": round(c["specificity"], 3) if c.get("specificity") is not None else None,
             "score (centered)": round(c["score_cen"], 4) if c.get("score_cen") is not None else None,
             "score (raw)": round(c["score_raw"], 4),
             "compass f": round(comp["faithfulness"][i], 4) if comp else None,
@@ -114,8 +123,9 @@ def score_plot(result: dict[str, Any], card: Card | None = None) -> Any:
     """
     from matplotlib.figure import Figure
 
-    centered = bool(result.get("centered"))
-    key = "score_cen" if centered else "score_raw"
+    calibrated = result.get("criterion") == "confidence"
+    centered = bool(result.get("centered")) and not calibrated  # the anchors are fve values: only on that scale
+    key = "confidence" if calibrated else "score_cen" if centered else "score_raw"
     cands = result["candidates"]
     order = sorted(range(len(cands)), key=lambda i: _sort_key(cands[i], centered))
     scores = [float(cands[i][key]) for i in order]
@@ -132,9 +142,9 @@ def score_plot(result: dict[str, Any], card: Card | None = None) -> Any:
         ax.axhline(anchors["ceiling_cen"], color="#059669", linestyle="-.", linewidth=1.5,
                    label=f"ceiling {anchors['ceiling_cen']:.2f} ({anchors.get('ceiling_name', '')})")
     lo = min(scores + [result["tau"]] + ([anchors.get("random_floor_cen")] if centered and anchors.get("random_floor_cen") else []))
-    ax.set_ylim(max(0.0, min(0.5, lo - 0.05)), 1.0)
+    ax.set_ylim(0.0 if calibrated else max(0.0, min(0.5, lo - 0.05)), 1.0)
     ax.set_xlabel("candidate (sorted by score; dark = chosen)")
-    ax.set_ylabel(f"fve_nrm ({'centered' if centered else 'raw'})")
+    ax.set_ylabel("confidence (calibrated)" if calibrated else f"fve_nrm ({'centered' if centered else 'raw'})")
     ax.set_xticks(range(1, len(scores) + 1) if len(scores) <= 32 else [1, len(scores)])
     ax.set_title(f"{len(scores)} candidate score(s), τ and the card's anchors", fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
@@ -190,7 +200,7 @@ def best_text(result: dict[str, Any]) -> str:
 
 
 def compare_summary(result: dict[str, Any]) -> str:
-    mode = "greedy" if result.get("greedy") else f"best-of-{result['k']}"
+    mode = "greedy" if result.get("greedy") else f"{result.get('strategy', 'best-of-k').replace('best-of-k', 'best-of')}-{result['k']}"
     return (f"**{mode}** · card `{result['card']}` · L{result['layer']} · T={result['temperature']} · seed {result['seed']}  \n"
             f"{score_kind(result)} score **{result['score']:.3f}** vs τ {result['tau']:.3f} → "
             f"{'hedged' if result['hedged'] else 'confident'} · {result['timings'].get('total_s', 0):.2f} s")

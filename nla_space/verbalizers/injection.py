@@ -74,6 +74,8 @@ from ..hub import load_state_dict, snapshot
 from ..rollout import Rollout, sample
 from ..sidecar import Sidecar, load_sidecar
 
+from .lora import attach_lora  # noqa: F401  (reconstructors import it from here)
+
 log = logging.getLogger(__name__)
 
 #: Files of a PEFT LoRA adapter repo (no pickles, no code).
@@ -460,22 +462,6 @@ class InjectionAV:
         return clip_text(text, self.spec.open_tag, self.spec.close_tag, self.spec.cut_at)
 
 
-def attach_lora(backbone: Backbone, folder: Path) -> Any:
-    """Attach the PEFT LoRA adapter in ``folder`` to the backbone's model in place; returns the PeftModel."""
-    from peft import PeftModel
-
-    if not (folder / "adapter_config.json").is_file():
-        raise CheckpointError(f"{folder}: no adapter_config.json: not a PEFT adapter folder")
-    try:
-        peft_model = PeftModel.from_pretrained(backbone.model, str(folder), is_trainable=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{folder}: cannot attach the LoRA adapter ({type(exc).__name__}: {exc})") from exc
-    peft_model.eval()
-    for p in peft_model.parameters():
-        p.requires_grad_(False)
-    return peft_model
-
-
 def section_files(section: dict[str, Any], patterns: list[str], what: str) -> Path:
     """Local folder of a card section: ``folder`` (relative to the repo root) or a hub ``repo``@``revision``."""
     if section.get("folder"):
@@ -627,12 +613,17 @@ class OpenInjectionCard:
         greedy: bool = False,
         seed: int | None = None,
         progress: ProgressFn | None = None,
+        strategy: str | None = None,
     ) -> policy.Verbalization:
         """As :meth:`nla_space.runtime.OpenCard.verbalize`; ``text`` with ``vector`` means ``vector`` is
-        the text's activation, read already (:func:`nla_space.sweep.sweep`), and the text only adds notes."""
+        the text's activation, read already (:func:`nla_space.sweep.sweep`), and the text only adds notes.
+        ``strategy="guided"`` re-scores every particle's decoded text with the reconstructor at each
+        token (:class:`nla_space.guided.TextTracker`): correct, and slower than on a prefix or patch card."""
         tau = self.card.default_tau if tau is None else tau
         max_new_tokens = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         policy.check_params(k, tau, temperature, max_new_tokens, seed)
+        strategy = policy.resolve_strategy(strategy, greedy, "best-of-k")
+        greedy = strategy == "greedy"
         layer = self.check_layer(layer)
         notes = list(self.notes)
         if text is not None and self.av.spec.input_min_position:  # with a vector too: the text it was read from
@@ -657,9 +648,28 @@ class OpenInjectionCard:
                 card=self.card.id, trained=self.trained, layer=layer, k=k, tau=tau, temperature=temperature,
                 greedy=greedy, seed=seed, notes=notes,
                 read=lambda: self.check_vector(vector) if vector is not None else self.extract(text, layer),
-                roll=lambda v: self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer),
-                score=score, progress=progress, score_label="reconstructing and scoring",
+                roll=lambda v: (self.guided(v, k, temperature, max_new_tokens, seed, layer) if strategy == "guided"
+                                else self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer)),
+                score=score, progress=progress, score_label="reconstructing and scoring", strategy=strategy,
             )
+
+    def guided(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, seed: int | None, layer: int) -> Rollout:
+        """Guided decoding (:func:`nla_space.guided.smc`) over the AV's prompt, potential = 10 × the
+        centered (raw without μ) fve of each partial explanation's reconstruction."""
+        from .. import guided
+
+        bb = self.av.backbone
+        gen = torch.Generator(device=bb.device)
+        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        mu = self.mus.get(layer)
+        target = self.reconstructor.target(v.float(), layer)
+        stepper = guided.EmbedsStepper(bb, self.av.inputs_embeds(v, layer), max_new_tokens)
+        tracker = guided.TextTracker(self.av.decode, lambda texts: self.reconstructor.encode(texts, layer), k)
+        potential = lambda h: 10.0 * policy.score_vectors(h, target.to(h.device), mu)[1 if mu is not None else 0]  # noqa: E731
+        settings = guided.GuidedSettings(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=self.av.spec.top_p)
+        stops = list(bb.stop_ids)
+        cands = guided.smc(stepper, tracker, potential, settings, gen, stops, bb.pad_id, guided.word_starts(bb.tokenizer))
+        return self.av.cut(guided.as_rollout(cands, k, bb.pad_id, stops))
 
 
 def load_inject_mu(folder: Path, layers: list[int], d: int) -> dict[int, torch.Tensor]:

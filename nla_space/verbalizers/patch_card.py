@@ -1,0 +1,183 @@
+"""A patch card opened for use (:mod:`nla_space.verbalizers.patch`): the prefix card's verbalize flow with
+the patch AV's rollout, its free per-token states for guided decoding, and its read-like-a-text scoring.
+
+Card file (kind ``"patch"``)::
+
+    "av": {"folder": "assets/cards/NAME"}     PEFT adapter + patch_av.json (+ mu.safetensors, pool.safetensors)
+    "mu_file": "mu.safetensors"
+    "patch": {"pool_file": "pool.safetensors", "default_strategy": "guided", "guided_beta": 1.0, "calibration": {...}}
+    "default_tau": confidence threshold (the calibration's tau)
+
+The backbone of a patch card is private to it (the LoRA is attached to its blocks above ℓ in
+place), shared only between opens of the same AV folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import activations, guided, policy
+from ..backbone import Backbone, load_backbone
+from ..cards import Card
+from ..errors import CheckpointError, NLAInputError
+from ..kv_cache import preallocated_cache, reorder_cache
+from ..rollout import Rollout, sample
+from ..runtime import OpenCard, _card_files, _load_mu, _open_compass
+from ..specificity import Calibration, Specificity, load_pool
+from .patch import PatchSpec, ResidualPatch, attach, read_spec
+
+log = logging.getLogger(__name__)
+
+_OPENED: dict[tuple[str, str, str], tuple[Backbone, Any]] = {}
+_OPENED_LOCK = threading.Lock()
+
+
+@dataclass
+class PatchAV:
+    """The opened AV: its spec, the hook that writes ``v`` at ℓ, and the PEFT model (in place on the backbone)."""
+
+    spec: PatchSpec
+    patch: ResidualPatch
+    peft_model: Any
+    d_vec: int
+
+
+class PatchStepper:
+    """Guided decoding's stepper *and* tracker for a patch AV: the AV's forward records the layer-ℓ
+    state of each row's text (``[BOS] + tokens``) as it goes, which is the state the score reads."""
+
+    def __init__(self, card: "OpenPatchCard", v: torch.Tensor, max_new_tokens: int):
+        self.bb, self.av = card.backbone, card.av
+        self.v = v.to(self.bb.device)[None]
+        self.cache = preallocated_cache(self.bb.config, max_new_tokens + 2)
+        self.length = 0
+        self._ctx = self.av.patch.apply(self.v, record=True)
+        self.states = self._ctx.__enter__()
+
+    def close(self) -> None:
+        self._ctx.__exit__(None, None, None)
+
+    def start(self, n: int) -> torch.Tensor:
+        bos = self.bb.embed_tokens(torch.full((n, 1), self.bb.bos_id, device=self.bb.device))
+        self.length = 1
+        mask = torch.ones(n, 1, dtype=torch.long, device=self.bb.device)
+        return self.bb.model(inputs_embeds=bos, attention_mask=mask, past_key_values=self.cache, use_cache=True).logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.length += 1
+        mask = torch.ones(tokens.shape[0], self.length, dtype=torch.long, device=tokens.device)
+        return self.bb.model(input_ids=tokens[:, None], attention_mask=mask, past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=1).logits[:, -1]
+
+    def push(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The state recorded by the :meth:`step` that fed ``tokens``."""
+        return self.states[-1].float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        reorder_cache(self.cache, index)
+
+
+@dataclass
+class OpenPatchCard(OpenCard):
+    av: PatchAV  # type: ignore[assignment]
+
+    @property
+    def top_p(self) -> float:
+        return float(self.av.spec.top_p)
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        return max(1, min(policy.MAX_NEW_TOKENS, int(self.av.spec.max_new_tokens)))
+
+    def with_dtype(self, dtype: str | torch.dtype) -> "OpenCard":
+        raise CheckpointError("a patch card runs on its own backbone copy; open it with --dtype instead")
+
+    def _text_rows(self, roll: Rollout) -> list[list[int]]:
+        stops = set(self.backbone.stop_ids)
+        rows = []
+        for i in range(roll.ids.shape[0]):
+            row = [int(t) for t in roll.ids[i, : int(roll.mask[i].sum())]]
+            while row and row[-1] in stops:
+                row.pop()
+            rows.append(row)
+        return rows
+
+    def reconstruct(self, roll: Rollout, layer: int) -> torch.Tensor:
+        """Candidates read like a typed text (``[BOS] + tokens``, stop token dropped) at ℓ."""
+        return activations.read_rows(self.backbone, layer, self._text_rows(roll))
+
+    def reconstruct_texts(self, texts: list[str], layer: int) -> torch.Tensor:
+        rows = [list(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        return activations.read_rows(self.backbone, layer, rows)
+
+    def rollout(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, greedy: bool, seed: int | None, layer: int) -> Rollout:
+        n = 1 if greedy else k
+        bb = self.backbone
+        gen = torch.Generator(device=bb.device)
+        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        bos = bb.embed_tokens(torch.full((n, 1), bb.bos_id, device=bb.device))
+        with self.av.patch.apply(v.to(bb.device)[None]):
+            return sample(bb, bos, max_new_tokens, temperature=temperature, top_p=self.top_p, greedy=greedy, generator=gen)
+
+    def guided(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, seed: int | None, layer: int) -> Rollout:
+        bb = self.backbone
+        gen = torch.Generator(device=bb.device)
+        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        settings = guided.GuidedSettings(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=self.top_p,
+                                         beta=self.guided_beta, prefixes=self.guided_prefixes)
+        stepper = PatchStepper(self, v, max_new_tokens)
+        try:
+            cands = guided.smc(stepper, stepper, self.potential(v), settings, gen, bb.stop_ids, bb.pad_id, guided.word_starts(bb.tokenizer))
+        finally:
+            stepper.close()
+        return guided.as_rollout(cands, k, bb.pad_id, bb.stop_ids)
+
+    def token_states(self, text: str, layer: int) -> tuple[list[str], torch.Tensor]:
+        return activations.token_states(self.backbone, text, layer)
+
+
+def _private_backbone(card: Card, folder: Path, spec: PatchSpec, device: str | None, dtype: str | None) -> tuple[Backbone, Any]:
+    key = (str(folder.resolve()), str(device), str(dtype))
+    with _OPENED_LOCK:
+        if key not in _OPENED:
+            bb = load_backbone(card.backbone_id, revision=card.backbone.get("revision"), device=device, dtype=dtype,
+                               default_dtype=card.backbone.get("dtype"))
+            _OPENED[key] = (bb, attach(bb, spec, folder))
+        return _OPENED[key]
+
+
+def open_patch_card(card: Card, backbone: str | None = None, device: str | None = None, revision: str | None = None,
+                    dtype: str | None = None) -> OpenPatchCard:
+    """Open a patch card: its private backbone with the LoRA attached, μ, the specificity pool and calibration."""
+    if backbone is not None or revision is not None:
+        raise NLAInputError(f"card {card.id}: a patch AV is trained on its own backbone; --backbone/--revision cannot replace it")
+    folder = _card_files(card)
+    if folder is None:
+        raise CheckpointError(f"card {card.id}: no AV folder")
+    spec = read_spec(folder)
+    if spec.layer not in card.layers:
+        raise CheckpointError(f"card {card.id}: the AV in {folder} reads layer {spec.layer}, the card says {card.layers}")
+    bb, pm = _private_backbone(card, folder, spec, device, dtype)
+    av = PatchAV(spec=spec, patch=ResidualPatch(bb, spec.layer), peft_model=pm, d_vec=bb.hidden_size)
+    notes: list[str] = []
+    mu = _load_mu(folder, card, spec.layer)
+    section = card.patch
+    specificity = None
+    pool_file = section.get("pool_file")
+    if pool_file and mu is not None:
+        calib = section.get("calibration")
+        calibration = Calibration.from_dict(calib, f"{card.source_file}: patch.calibration") if calib else None
+        specificity = Specificity.from_pool(load_pool(folder / pool_file), mu, calibration)
+        if calibration is None:
+            notes.append("no calibration: answers are ranked by specificity, hedged by the centered score")
+    compass, compass_tau = _open_compass(card, folder, notes)
+    return OpenPatchCard(card=card, backbone=bb, av=av, trained=True, mu=mu, notes=notes, compass=compass, compass_tau=compass_tau,
+                         specificity=specificity, default_strategy=str(section.get("default_strategy", "best-of-k")),
+                         guided_beta=float(section.get("guided_beta", guided.DEFAULT_BETA)),
+                         guided_prefixes=bool(section.get("guided_prefixes", True)))
