@@ -71,7 +71,7 @@ def test_check_request_refuses_bad_input() -> None:
     from nla_space.ui import engine
 
     ok = engine.check_request(TEXT, card="embedded", k=4.0, seed=3.0)
-    assert ok.k == 4 and ok.seed == 3 and ok.card == "nla-space/smollm2-135m-L21"
+    assert ok.k == 4 and ok.seed == 3 and ok.card == "nla-space/smollm2-135m-L21-patch"
     for bad in (dict(text=""), dict(text="   "), dict(text="x" * (engine.MAX_TEXT_CHARS + 1)), dict(text=TEXT, k=0),
                 dict(text=TEXT, k=engine.APP_MAX_K + 1), dict(text=TEXT, k=2.5), dict(text=TEXT, card="no-such-card"),
                 dict(text=TEXT, tau=1.5), dict(text=TEXT, temperature=float("nan")), dict(text=TEXT, layer=3)):
@@ -161,7 +161,7 @@ def client():
 def test_api_returns_the_cli_json_contract(client) -> None:
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     params = [p["parameter_name"] for p in named["/verbalize"]["parameters"]]
-    assert params == ["text", "card", "layer", "k", "tau", "temperature", "seed"]
+    assert params == ["text", "card", "layer", "k", "tau", "temperature", "seed", "strategy", "greedy", "max_new_tokens"]
 
     out = client.predict(TEXT, k=4, seed=0, api_name="/verbalize")
     assert CONTRACT_KEYS <= set(out)  # keys may be added to the contract, never removed

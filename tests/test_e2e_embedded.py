@@ -36,22 +36,24 @@ def test_cli_verbalize_embedded_json(smollm2):
     assert len(lines) == 1
     d = json.loads(lines[0])
 
-    assert d["card"] == "nla-space/smollm2-135m-L21" and d["layer"] == 21 and d["k"] == 8
+    assert d["card"] == "nla-space/smollm2-135m-L21-patch" and d["layer"] == 21 and d["k"] == 8
     from nla_space.cards import find_card
 
     assert d["tau"] == find_card("embedded").default_tau and isinstance(d["trained"], bool) and d["seed"] == 3 and d["greedy"] is False
     assert isinstance(d["hedged"], bool) and isinstance(d["centered"], bool)
     assert len(d["candidates"]) == 8 and 0 <= d["best_index"] < 8
     best = d["best"]
-    assert set(best) == {"text", "token_ids", "score_raw", "score_cen"}
+    assert set(best) == {"text", "token_ids", "score_raw", "score_cen", "specificity", "confidence"}
     assert best == d["candidates"][d["best_index"]]
     assert isinstance(best["text"], str) and 1 <= len(best["token_ids"]) <= 16
     for c in d["candidates"]:
         assert 0.0 <= c["score_raw"] <= 1.0 and math.isfinite(c["score_raw"])
         assert (c["score_cen"] is None) == (not d["centered"])
-    key = "score_cen" if d["centered"] else "score_raw"
-    assert best[key] == max(c[key] for c in d["candidates"])
-    assert d["score"] == best[key] and d["hedged"] == (d["score"] < d["tau"])
+        assert math.isfinite(c["specificity"]) and 0.0 <= c["confidence"] <= 1.0
+    # the default card is calibrated: the best is the most specific, hedged by its confidence
+    assert d["strategy"] == "guided" and d["criterion"] == "confidence" and "among 40" in d["confidence_meaning"]
+    assert best["specificity"] == max(c["specificity"] for c in d["candidates"])
+    assert d["score"] == best["confidence"] and d["hedged"] == (d["score"] < d["tau"])
     assert {"extract_s", "sample_s", "score_s", "total_s"} <= set(d["timings"])
     if not d["trained"]:
         assert any("untrained" in n for n in d["notes"])
@@ -79,7 +81,7 @@ def test_cli_verbalize_embedded_json(smollm2):
 def test_cli_embedded_bad_layer_exits_2():
     proc = _run(["verbalize", "--text", TEXT, "--layer", "30"])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: card nla-space/smollm2-135m-L21 supports layer(s) [21], not 30"]
+    assert proc.stderr.strip().splitlines() == ["error: card nla-space/smollm2-135m-L21-patch supports layer(s) [21], not 30"]
 
 
 @pytest.mark.e2e

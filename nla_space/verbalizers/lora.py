@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..backbone import Backbone
 from ..errors import CheckpointError
@@ -17,12 +19,22 @@ def attach_lora(backbone: Backbone, folder: Path, trainable: bool = False) -> An
     if not (folder / "adapter_config.json").is_file():
         raise CheckpointError(f"{folder}: no adapter_config.json: not a PEFT adapter folder")
     try:
-        peft_model = PeftModel.from_pretrained(backbone.model, str(folder), is_trainable=trainable)
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(backbone.model, str(folder), is_trainable=trainable)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{folder}: cannot attach the LoRA adapter ({type(exc).__name__}: {exc})") from exc
     if not trainable:
         freeze(peft_model)
     return peft_model
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """PEFT calls a transformers method deprecated in 5.x (``is_gradient_checkpointing``); the warning
+    would land on the CLI's stderr, whose contract is one ``error:`` line on bad input."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def freeze(peft_model: Any) -> Any:

@@ -169,11 +169,12 @@ def attach(backbone: Backbone, spec: PatchSpec, folder: Path | None = None, trai
     """The backbone's model with the patch AV's LoRA (in place): a fresh one from ``spec``, or the one in ``folder``."""
     from peft import get_peft_model
 
-    from .lora import attach_lora, freeze
+    from .lora import attach_lora, freeze, quiet_peft
 
     if folder is not None:
         return attach_lora(backbone, folder, trainable)
-    pm = get_peft_model(backbone.model, spec.lora_config(backbone.num_layers))
+    with quiet_peft():
+        pm = get_peft_model(backbone.model, spec.lora_config(backbone.num_layers))
     return pm if trainable else freeze(pm)
 
 
