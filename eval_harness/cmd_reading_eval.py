@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         name = f"{strategy}_k{k}" if strategy != "greedy" else "greedy"
         results[name] = {"strategy": strategy, "k": k, **ev.aggregate(recs, embed), "examples": examples(recs)}
         md.append(f"### {name}\n\n" + dumps_examples_md(recs[:20]))
-    meta = run_meta("reading-eval", {"card": oc.card.id, "n_texts": len(texts), "metrics": list(METRICS),
+    meta = run_meta("reading-eval", {"card": oc.card.id, "n_texts": len(texts), "M": len(texts), "K": ks, "seed": args.seed,
+                                     "metrics": list(METRICS),
                                      "source": str(args.texts or f"{args.corpus}:{args.split}")}, started, started_iso, args.out, args)
     write_results(args.out, {"meta": meta, "results": results})
     if args.examples_md:
