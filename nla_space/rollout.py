@@ -33,6 +33,13 @@ class Rollout:
         return self.mask.sum(dim=1)
 
 
+def request_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
+    """The generator of one request: seeded by ``seed``, or freshly when it is None."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+    return gen
+
+
 def eos_inclusive_mask(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     """1 up to and including the first stop token of each row, 0 after it."""
     if not stop_ids:

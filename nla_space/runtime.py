@@ -4,13 +4,14 @@ the app and the harness all walk (text → activation → K samples → re-encod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -20,7 +21,7 @@ from .cards import Card, find_card
 from .errors import CheckpointError, NLAInputError
 from .hub import load_state_dict, snapshot
 from .reencode import reencode_ids
-from .rollout import Rollout, sample
+from .rollout import Rollout, request_generator, sample
 from .specificity import Specificity
 from .verbalizers.config import NLAConfig
 from .verbalizers.prefix import PrefixAV, build_prefix_av, find_weights, load_adapter_weights
@@ -195,8 +196,7 @@ class OpenCard:
         """K candidates for ``v`` in one batched call (one greedy candidate when ``greedy``)."""
         n = 1 if greedy else k
         dev = self.backbone.device
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        gen = request_generator(seed, dev)
         prefix = self.av.embeds(v.to(dev)[None].expand(n, -1), self.backbone, layer)
         return sample(
             self.backbone, prefix, max_new_tokens, temperature=temperature, top_p=self.av.cfg.top_p, greedy=greedy, generator=gen
@@ -265,15 +265,19 @@ class OpenCard:
             return lambda h: spec.z(h, v)
         return lambda h: 10.0 * policy.score_vectors(h, v, self.mu)[1 if self.mu is not None else 0]
 
+    @contextlib.contextmanager
+    def search_parts(self, v: torch.Tensor, layer: int, k: int, max_new_tokens: int) -> Iterator[tuple[guided.Stepper, guided.Tracker]]:
+        """The stepper and tracker of one guided search (released when it ends)."""
+        yield self.stepper(v, layer, max_new_tokens), self.tracker(layer, k, max_new_tokens)
+
     def guided(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, seed: int | None, layer: int) -> Rollout:
         """The K best distinct candidates of a guided search (:func:`nla_space.guided.smc`)."""
         bb = self.backbone
-        gen = torch.Generator(device=bb.device)
-        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
         settings = guided.GuidedSettings(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=self.top_p,
                                          beta=self.guided_beta, prefixes=self.guided_prefixes)
-        cands = guided.smc(self.stepper(v, layer, max_new_tokens), self.tracker(layer, k, max_new_tokens), self.potential(v),
-                           settings, gen, bb.stop_ids, bb.pad_id, guided.word_starts(bb.tokenizer))
+        with self.search_parts(v, layer, k, max_new_tokens) as (stepper, tracker):
+            cands = guided.smc(stepper, tracker, self.potential(v), settings, request_generator(seed, bb.device), bb.stop_ids,
+                               bb.pad_id, guided.word_starts(bb.tokenizer))
         return guided.as_rollout(cands, k, bb.pad_id, bb.stop_ids)
 
     def _compass_opinion(self, layer: int) -> Callable[[list[policy.Candidate], torch.Tensor], dict[str, Any]] | None:

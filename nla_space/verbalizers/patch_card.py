@@ -14,11 +14,12 @@ place), shared only between opens of the same AV folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import torch
 
@@ -27,7 +28,7 @@ from ..backbone import Backbone, load_backbone
 from ..cards import Card
 from ..errors import CheckpointError, NLAInputError
 from ..kv_cache import preallocated_cache, reorder_cache
-from ..rollout import Rollout, sample
+from ..rollout import Rollout, request_generator, sample
 from ..runtime import OpenCard, _card_files, _load_mu, _open_compass
 from ..specificity import Calibration, Specificity, load_pool
 from .patch import PatchSpec, ResidualPatch, attach, read_spec
@@ -119,24 +120,19 @@ class OpenPatchCard(OpenCard):
     def rollout(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, greedy: bool, seed: int | None, layer: int) -> Rollout:
         n = 1 if greedy else k
         bb = self.backbone
-        gen = torch.Generator(device=bb.device)
-        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        gen = request_generator(seed, bb.device)
         bos = bb.embed_tokens(torch.full((n, 1), bb.bos_id, device=bb.device))
         with self.av.patch.apply(v.to(bb.device)[None]):
             return sample(bb, bos, max_new_tokens, temperature=temperature, top_p=self.top_p, greedy=greedy, generator=gen)
 
-    def guided(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, seed: int | None, layer: int) -> Rollout:
-        bb = self.backbone
-        gen = torch.Generator(device=bb.device)
-        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
-        settings = guided.GuidedSettings(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=self.top_p,
-                                         beta=self.guided_beta, prefixes=self.guided_prefixes)
+    @contextlib.contextmanager
+    def search_parts(self, v: torch.Tensor, layer: int, k: int, max_new_tokens: int) -> Iterator[tuple[guided.Stepper, guided.Tracker]]:
+        """One :class:`PatchStepper` as both stepper and tracker; its hook is removed when the search ends."""
         stepper = PatchStepper(self, v, max_new_tokens)
         try:
-            cands = guided.smc(stepper, stepper, self.potential(v), settings, gen, bb.stop_ids, bb.pad_id, guided.word_starts(bb.tokenizer))
+            yield stepper, stepper
         finally:
             stepper.close()
-        return guided.as_rollout(cands, k, bb.pad_id, bb.stop_ids)
 
     def token_states(self, text: str, layer: int) -> tuple[list[str], torch.Tensor]:
         return activations.token_states(self.backbone, text, layer)
