@@ -18,8 +18,8 @@ text while it is written and moves the search toward the ones that point back to
   scores exactly as it scores best-of-K (one verbalize flow for both strategies).
 
 The compute is that of best-of-K with the same K (one forward of K rows per token, plus the
-tracker, plus one extra forward for the last token), so "guided at K" is compared with
-"best-of-K" at equal cost in the benchmark (``eval_harness bench-strategies``).
+tracker, plus one extra forward for the last token); ``eval_harness reading-eval`` reports both
+strategies' quality and wall time on the same texts.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .activations import truncated_decoder
+from .activations import pad_rows, truncated_decoder
 from .backbone import Backbone
 from .kv_cache import preallocated_cache, reorder_cache
-from .rollout import Rollout, pick_next
+from .policy import score_vectors
+from .rollout import Rollout, pick_next, request_generator
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,14 @@ class ReencodeTracker:
     """Incremental backbone re-encode at ℓ of the generated tokens (prefix-free, no BOS: the SRT
     convention of :mod:`nla_space.reencode`): one truncated forward per token with its own KV cache."""
 
-    def __init__(self, backbone: Backbone, layer: int, capacity: int, bos: bool = False):
+    def __init__(self, backbone: Backbone, layer: int, capacity: int):
         self.view = truncated_decoder(backbone, layer)
         self.cache = preallocated_cache(backbone.config, capacity + 1)
-        self.backbone, self.bos, self.length = backbone, bos, 0
+        self.length = 0
 
     def push(self, tokens: torch.Tensor) -> torch.Tensor:
         ids = tokens[:, None]
-        if self.length == 0 and self.bos and self.backbone.bos_id is not None:
-            ids = torch.cat([torch.full_like(ids, self.backbone.bos_id), ids], dim=1)
-        self.length += ids.shape[1]
+        self.length += 1
         mask = torch.ones(ids.shape[0], self.length, dtype=torch.long, device=ids.device)
         out = self.view(input_ids=ids, attention_mask=mask, past_key_values=self.cache, use_cache=True)
         return out.last_hidden_state[:, -1].float()
@@ -220,13 +219,21 @@ def _cpu_gen(generator: torch.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def as_rollout(cands: list[tuple[list[int], float]], k: int, pad_id: int, stop_ids: list[int]) -> Rollout:
+def as_rollout(cands: list[tuple[list[int], float]], k: int, pad_id: int) -> Rollout:
     """The ``k`` best candidates as a right-padded rollout (valid through a final stop token)."""
-    top = cands[:k] or [([pad_id], 0.0)]
-    T = max(len(ids) for ids, _ in top)
-    ids = torch.full((len(top), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(top), T), dtype=torch.long)
-    for i, (row, _) in enumerate(top):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
+    ids, mask = pad_rows([row for row, _ in cands[:k]] or [[pad_id]], pad_id)
     return Rollout(ids=ids, mask=mask)
+
+
+def fve_potential(target: torch.Tensor, mu: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """φ for a card without a specificity pool: 10 × the centered (raw without μ) fve against
+    ``target``, so that β = 1 weighs a 0.1 fve step like one pool standard deviation."""
+    return lambda h: 10.0 * score_vectors(h, target.to(h.device), mu)[1 if mu is not None else 0]
+
+
+def search(stepper: Stepper, tracker: Tracker, potential: Callable[[torch.Tensor], torch.Tensor], s: GuidedSettings,
+           seed: int | None, backbone: Backbone) -> Rollout:
+    """One guided search for a request: its generator, :func:`smc`, the ``s.n`` best as a rollout."""
+    cands = smc(stepper, tracker, potential, s, request_generator(seed, backbone.device), backbone.stop_ids, backbone.pad_id,
+                word_starts(backbone.tokenizer))
+    return as_rollout(cands, s.n, backbone.pad_id)

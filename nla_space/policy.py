@@ -137,7 +137,7 @@ def best_of_k(
     """Build scored candidates from a rollout and its re-encoded vectors; return them and the best index."""
     raw, cen = score_vectors(h, v, mu)
     z = specificity.z(h, v) if specificity is not None else None
-    conf = specificity.confidence(z) if specificity is not None and z is not None else None
+    conf = specificity.confidence(z) if specificity is not None else None
     cands = []
     for i in range(rollout.ids.shape[0]):
         n = int(rollout.mask[i].sum())

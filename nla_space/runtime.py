@@ -258,12 +258,11 @@ class OpenCard:
         return guided.ReencodeTracker(self.backbone, layer, max_new_tokens)
 
     def potential(self, v: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """φ of guided decoding: the specificity where the card has a pool, else 10 × the centered
-        (raw without μ) fve, so that β = 1 weighs a 0.1 fve step like one pool standard deviation."""
+        """φ of guided decoding: the specificity where the card has a pool, else :func:`nla_space.guided.fve_potential`."""
         if self.specificity is not None:
             spec = self.specificity
             return lambda h: spec.z(h, v)
-        return lambda h: 10.0 * policy.score_vectors(h, v, self.mu)[1 if self.mu is not None else 0]
+        return guided.fve_potential(v, self.mu)
 
     @contextlib.contextmanager
     def search_parts(self, v: torch.Tensor, layer: int, k: int, max_new_tokens: int) -> Iterator[tuple[guided.Stepper, guided.Tracker]]:
@@ -272,13 +271,10 @@ class OpenCard:
 
     def guided(self, v: torch.Tensor, k: int, temperature: float, max_new_tokens: int, seed: int | None, layer: int) -> Rollout:
         """The K best distinct candidates of a guided search (:func:`nla_space.guided.smc`)."""
-        bb = self.backbone
         settings = guided.GuidedSettings(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=self.top_p,
                                          beta=self.guided_beta, prefixes=self.guided_prefixes)
         with self.search_parts(v, layer, k, max_new_tokens) as (stepper, tracker):
-            cands = guided.smc(stepper, tracker, self.potential(v), settings, request_generator(seed, bb.device), bb.stop_ids,
-                               bb.pad_id, guided.word_starts(bb.tokenizer))
-        return guided.as_rollout(cands, k, bb.pad_id, bb.stop_ids)
+            return guided.search(stepper, tracker, self.potential(v), settings, seed, self.backbone)
 
     def _compass_opinion(self, layer: int) -> Callable[[list[policy.Candidate], torch.Tensor], dict[str, Any]] | None:
         if self.compass is None or not self.compass.supports(layer):

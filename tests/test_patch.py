@@ -102,7 +102,7 @@ def test_guided_candidates_are_scored_as_the_search_scored_them(patch_card) -> N
     finally:
         stepper.close()
     assert cands and [c[1] for c in cands] == sorted((c[1] for c in cands), reverse=True)
-    roll = as_rollout(cands, 4, bb.pad_id, bb.stop_ids)
+    roll = as_rollout(cands, 4, bb.pad_id)
     z = oc.specificity.z(oc.reconstruct(roll, layer), v)
     torch.testing.assert_close(z, torch.tensor([c[1] for c in cands[:4]]), atol=2e-3, rtol=2e-3)
 

@@ -71,7 +71,7 @@ from ..backbone import Backbone, load_backbone
 from ..cards import REPO_ROOT, Card
 from ..errors import CheckpointError, NLAInputError
 from ..hub import load_state_dict, snapshot
-from ..rollout import Rollout, sample
+from ..rollout import Rollout, request_generator, sample
 from ..sidecar import Sidecar, load_sidecar
 
 from .lora import attach_lora  # noqa: F401  (reconstructors import it from here)
@@ -557,8 +557,7 @@ class OpenInjectionCard:
         is returned cut (:meth:`InjectionAV.cut`): the valid tokens are the explanation alone."""
         n = 1 if greedy else k
         bb = self.av.backbone
-        gen = torch.Generator(device=bb.device)
-        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+        gen = request_generator(seed, bb.device)
         prefix = self.av.inputs_embeds(v, layer).expand(n, -1, -1)
         stops = [list(self.av.close_ids)] if self.av.close_ids else None
         roll = sample(bb, prefix, max_new_tokens, temperature=temperature, top_p=self.av.spec.top_p, greedy=greedy, generator=gen,
@@ -659,17 +658,11 @@ class OpenInjectionCard:
         from .. import guided
 
         bb = self.av.backbone
-        gen = torch.Generator(device=bb.device)
-        gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
-        mu = self.mus.get(layer)
-        target = self.reconstructor.target(v.float(), layer)
         stepper = guided.EmbedsStepper(bb, self.av.inputs_embeds(v, layer), max_new_tokens)
         tracker = guided.TextTracker(self.av.decode, lambda texts: self.reconstructor.encode(texts, layer), k)
-        potential = lambda h: 10.0 * policy.score_vectors(h, target.to(h.device), mu)[1 if mu is not None else 0]  # noqa: E731
+        potential = guided.fve_potential(self.reconstructor.target(v.float(), layer), self.mus.get(layer))
         settings = guided.GuidedSettings(n=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=self.av.spec.top_p)
-        stops = list(bb.stop_ids)
-        cands = guided.smc(stepper, tracker, potential, settings, gen, stops, bb.pad_id, guided.word_starts(bb.tokenizer))
-        return self.av.cut(guided.as_rollout(cands, k, bb.pad_id, stops))
+        return self.av.cut(guided.search(stepper, tracker, potential, settings, seed, bb))
 
 
 def load_inject_mu(folder: Path, layers: list[int], d: int) -> dict[int, torch.Tensor]:
