@@ -21,9 +21,9 @@ weights once — divided by the measured copy bandwidth of the device (``memory_
 tensor copy, read + write). On a GPU this is the HBM-bandwidth bound.
 
 Pipelines (``pipelines``): the harness's own work per second, timed with its own functions on
-the same card — ``targets`` sequences/s (:func:`eval_harness.targets.sample_ids` bare-BOS
-self-samples of ``tokens`` tokens + :func:`~eval_harness.targets.encode_ids`) and
-``centered-eval`` targets/s (:func:`eval_harness.evals.sample_target`: greedy + K samples, re-encoded
+the same card — ``targets`` sequences/s (:func:`eval_harness.data.targets.sample_ids` bare-BOS
+self-samples of ``tokens`` tokens + :func:`~eval_harness.data.targets.encode_ids`) and
+``centered-eval`` targets/s (:func:`eval_harness.evals.common.sample_target`: greedy + K samples, re-encoded
 and scored, stop tokens honoured, on those sequences' activations).
 
 ``random_weights_card`` opens a card's backbone *shape* (``backbone.shape`` in the card file) with
@@ -343,8 +343,8 @@ def pipeline_rates(opened: OpenCard, k: int, new_tokens: int, sequences: int = 1
     """``targets`` sequences/s and ``centered-eval`` targets/s, timed with the harness's functions."""
     from types import SimpleNamespace
 
-    from .evals import EvalRun, sample_target
-    from .targets import encode_ids, sample_ids
+    from .evals.common import EvalRun, sample_target
+    from .data.targets import encode_ids, sample_ids
 
     bb = opened.backbone
     layer = opened.card.default_layer

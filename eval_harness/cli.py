@@ -1,7 +1,9 @@
-"""``python -m eval_harness <command>``: one module per command.
+"""``python -m eval_harness <command>``: the evals of :data:`eval_harness.evals.EVALS` and the tools of :data:`TOOLS`.
 
-Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
-Bad input (:class:`nla_space.errors.NLAInputError`) prints one ``error:`` line and exits with 2.
+An eval is one :class:`~eval_harness.evals.base.EvalTask` class (its ``Config`` fields are its options);
+a tool is a module with ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Every command also takes ``--threads``. Bad input (:class:`nla_space.errors.NLAInputError`) prints
+one ``error:`` line and exits with 2.
 """
 
 from __future__ import annotations
@@ -12,49 +14,57 @@ import importlib
 import importlib.util
 import logging
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from nla_space.errors import NLAInputError
 
-#: command name → module (modules not present in this checkout are skipped)
-COMMANDS: dict[str, str] = {
+from .evals import EVALS
+
+#: the commands that are not evals: name → module (modules not present in this checkout are skipped)
+TOOLS: dict[str, str] = {
     "targets": "eval_harness.cmd_targets",
-    "train": "eval_harness.cmd_train",
-    "centered-eval": "eval_harness.cmd_centered_eval",
-    "rerank-eval": "eval_harness.cmd_rerank_eval",
-    "oracle-ceiling": "eval_harness.cmd_oracle_ceiling",
-    "leaderboard": "eval_harness.cmd_leaderboard",
-    "publish": "eval_harness.cmd_publish",
-    "bench": "eval_harness.cmd_bench",
-    "policy-eval": "eval_harness.cmd_policy_eval",
-    "roundtrip": "eval_harness.cmd_roundtrip",
     "injection-targets": "eval_harness.cmd_injection_targets",
+    "text-corpus": "eval_harness.cmd_text_corpus",
+    "train": "eval_harness.cmd_train",
     "train-av-lora": "eval_harness.cmd_train_av_lora",
     "train-ar": "eval_harness.cmd_train_ar",
     "train-grpo": "eval_harness.cmd_train_grpo",
-    "fit-compass": "eval_harness.cmd_fit_compass",
-    "text-corpus": "eval_harness.cmd_text_corpus",
     "train-patch": "eval_harness.cmd_train_patch",
+    "fit-compass": "eval_harness.cmd_fit_compass",
+    "leaderboard": "eval_harness.cmd_leaderboard",
+    "publish": "eval_harness.cmd_publish",
     "patch-release": "eval_harness.cmd_patch_release",
-    "reading-eval": "eval_harness.cmd_reading_eval",
+    "bench": "eval_harness.cmd_bench",
 }
 
 
-def _available() -> dict[str, object]:
-    mods = {}
-    for name, modname in COMMANDS.items():
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def commands() -> dict[str, Command]:
+    """Every command: the tools present in this checkout, then the registered evals."""
+    out: dict[str, Command] = {}
+    for name, modname in TOOLS.items():
         if importlib.util.find_spec(modname) is not None:
-            mods[name] = importlib.import_module(modname)
-    return mods
+            mod = importlib.import_module(modname)
+            out[name] = Command(mod.HELP, mod.add_arguments, mod.run)
+    for name, cls in EVALS.items():
+        out[name] = Command(cls.help, cls.add_arguments, cls.main)
+    return out
 
 
-def build_parser(mods: dict[str, object]) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m eval_harness", description="nla-space evaluation harness")
+def build_parser(cmds: dict[str, Command]) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nla-eval", description="nla-space evaluation harness (also: python -m eval_harness)")
     sub = ap.add_subparsers(dest="command", required=True)
-    for name, mod in mods.items():
-        text = getattr(mod, "HELP", "").replace("%", "%%")  # argparse formats help strings with %
+    for name, cmd in cmds.items():
+        text = cmd.help.replace("%", "%%")  # argparse formats help strings with %
         p = sub.add_parser(name, help=text, description=text)
-        mod.add_arguments(p)
+        cmd.add_arguments(p)
         p.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (1 avoids oversubscription on a shared CPU; default: torch's choice)")
     return ap
@@ -66,13 +76,13 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    mods = _available()
-    args = build_parser(mods).parse_args(argv)
+    cmds = commands()
+    args = build_parser(cmds).parse_args(argv)
     try:
-        from .evals import set_threads
+        from .evals.common import set_threads
 
         set_threads(args.threads)  # every command takes --threads: validated and applied here, once
-        return int(mods[args.command].run(args) or 0)
+        return int(cmds[args.command].run(args) or 0)
     except NLAInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,9 @@ from pathlib import Path
 
 #: the card bench opens when none is named: the embedded prefix AV
 PREFIX_DEFAULT = "smollm2-135m-prefix"
+#: prefix cards only: bench times the soft prefix against the plain HF recipe (``--random-weights`` uses only
+#: a card's backbone shape, so there any kind's card may name it)
+SUPPORTED_KINDS = ("prefix",)
 
 HELP = ("time best-of-K (project vs plain HF recipe), matmul throughput and copy bandwidth, FLOP and memory bounds, "
         "targets and centered-eval rates, app/CLI start")
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import run_bench
-
+    from .evals.common import require_card_kind
     try:
         ks = [int(x) for x in str(args.k).split(",") if x.strip()]
     except ValueError:
@@ -81,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
             raise NLAInputError(f"{flag} must be {' or '.join(CPU_DTYPES)}, got {value!r}")
     if args.layers is not None and not args.random_weights:
         raise NLAInputError("--layers applies to --random-weights only")
+    if not args.random_weights:  # before anything is opened: another kind is refused here
+        require_card_kind(args.card or PREFIX_DEFAULT, SUPPORTED_KINDS, "bench")
     dtype = requested_dtype(args.dtype, args.device)
     vector = None
     if args.random_weights:
@@ -93,19 +98,16 @@ def run(args: argparse.Namespace) -> int:
         args.start = "none"  # there is no CLI process to start for a random-weight model
     else:
         opened = open_card(args.card or PREFIX_DEFAULT, backbone=args.backbone, device=args.device, dtype=dtype)
-        if opened.card.kind != "prefix":
-            raise NLAInputError(f"bench times prefix AVs against the plain HF recipe; card {opened.card.id} is a "
-                                f"{opened.card.kind} card (for decoding-strategy timings use reading-eval's seconds_per_text)")
     dev = opened.backbone.device
     # The plain recipe's dtype: as asked, else float32 on CPU / the card's on CUDA (what it would load).
-    plain_dtype = resolve_dtype(args.plain_dtype, dev, opened.card.backbone.get("dtype"))
+    plain_dtype = resolve_dtype(args.plain_dtype, dev, opened.card.backbone.dtype)
     plain = opened.with_dtype(plain_dtype)
     reference = opened.with_dtype("float32") if dtype == "bfloat16" and not args.random_weights else None
     report = run_bench(opened, ks, new_tokens=args.tokens, repeats=args.repeats, plain=plain, fidelity_reference=reference,
                        vector=vector, pipelines=not (args.no_pipelines or args.random_weights))
     if args.random_weights:
         report.extra["random_weights"] = {"shape_of": opened.card.backbone_id, "layers": opened.backbone.num_layers,
-                                          "source": opened.card.backbone.get("shape", {}).get("source")}
+                                          "source": (opened.card.backbone.shape or {}).get("source")}
     if args.start in ("warm", "cold"):
         report.warm_start_s = round(_cli_start_seconds(args.card or PREFIX_DEFAULT, dtype=dtype), 2)
     if args.start == "cold":

@@ -21,7 +21,7 @@ from nla_space.compass import DEFAULT_ALPHAS, Compass, MiniLM, held_out
 from nla_space.errors import NLAInputError
 from nla_space.io import atomic_write_json
 
-from .dataset import load_target_set
+from .data.dataset import load_target_set
 from .results import now_iso, run_meta
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """``python -m eval_harness injection-targets``: activations at several depths + greedy-reply
-descriptions for injection AV/AR training; see :mod:`eval_harness.injection_targets`."""
+descriptions for injection AV/AR training; see :mod:`eval_harness.data.injection_targets`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 from pathlib import Path
 
 
-from nla_space.runtime import shared_backbone
+from nla_space.backbone import shared_backbone
 
-from .injection_targets import DEFAULT_FRACTIONS, TRAINED_BANDS, InjectionTargetsSpec, build_injection_targets
+from .data.injection_targets import DEFAULT_FRACTIONS, InjectionTargetsSpec, build_injection_targets, template_card, trained_bands
 
 HELP = "extract multi-depth activations and greedy-reply descriptions of texts (injection AV/AR training data)"
 
@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", required=True, help="hub id, local folder, or embedded:NAME")
     p.add_argument("--texts", type=Path, required=True, help="JSONL with {'text'[, 'id']} rows")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--bands", default=",".join(map(str, TRAINED_BANDS)), help="depth bands in percent (default: the Phi-4 v2 grid)")
+    p.add_argument("--bands", default=",".join(map(str, trained_bands())),
+                   help=f"depth bands in percent (default: the trained bands of the template card {template_card().id})")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length of the greedy-reply description")
     p.add_argument("--min-chars", type=int, default=d.min_chars)
     p.add_argument("--max-texts", type=int, default=None)

@@ -1,8 +1,8 @@
 """``leaderboard``: published numbers (from the cards, with sources) beside reproduced ones (from
 results files, with their meta), ρ per backbone, K-curves and the findings table.
 
-The building is :func:`nla_space.leaderboard.build_leaderboard` (the app reads the same schema);
-this command finds the results files, writes ``assets/leaderboard.json`` atomically and, when
+The building is :func:`eval_harness.leaderboard_build.build_leaderboard` (the app reads the same schema);
+this command finds the results files, writes ``nla_space/assets/leaderboard.json`` atomically and, when
 asked, a markdown rendering and a K-curve PNG.
 """
 
@@ -13,21 +13,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from nla_space.cards import REPO_ROOT
+from nla_space.cards import ASSETS_DIR, REPO_ROOT
 from nla_space.io import atomic_write, atomic_write_json, atomic_write_text
-from nla_space.leaderboard import DEFAULT_PATH, build_leaderboard, to_markdown
+from nla_space.leaderboard import DEFAULT_PATH
 
+from .leaderboard_build import build_leaderboard, to_markdown
 from .results import load_results
 
 log = logging.getLogger(__name__)
 
 HELP = "build the leaderboard: published card numbers beside reproduced results, K-curves, findings"
-DEFAULT_RESULTS = REPO_ROOT / "assets" / "results"
+DEFAULT_RESULTS = ASSETS_DIR / "results"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, nargs="*", default=None,
-                   help=f"results JSON files or folders (default: {DEFAULT_RESULTS.relative_to(REPO_ROOT)})")
+                   help=f"results JSON files or folders (default: {DEFAULT_RESULTS.relative_to(REPO_ROOT) if DEFAULT_RESULTS.is_relative_to(REPO_ROOT) else DEFAULT_RESULTS})")
     p.add_argument("--out", type=Path, default=DEFAULT_PATH)
     p.add_argument("--markdown", type=Path, default=None, help="also write a markdown rendering here")
     p.add_argument("--plot", type=Path, default=None, help="also write the K-curves as a PNG here")

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nla_space.cards import REPO_ROOT, Card
-from nla_space.runtime import open_card, shared_backbone
+from nla_space.backbone import shared_backbone
+from nla_space.cards import PACKAGE_ROOT, Card
+from nla_space.runtime import open_card
 from nla_space.verbalizers.patch import read_spec
 
-from .patch_release import calibrate, card_dict, copy_av, read_card_json, write_card, write_pool
-from .text_corpus import read_corpus
+from nla_space.specificity import FEATURES, Calibration, Specificity, load_pool
+
+from .patch_release import (calibrate, calibration_rows, card_dict, confidence_anchors, copy_av, fit_from_records, read_card_json,
+                            records_for, write_card, write_pool)
+from .data.text_corpus import read_corpus
 
 HELP = "ship a train-patch run as a patch card: AV folder, μ and specificity pool, val calibration, card file"
 
@@ -18,23 +22,30 @@ HELP = "ship a train-patch run as a patch card: AV folder, μ and specificity po
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", type=Path, required=True, help="train-patch run folder (its best/ is shipped)")
     p.add_argument("--corpus", type=Path, required=True, help="the corpus it was trained on (mu_pool → pool, val → calibration)")
-    p.add_argument("--av-folder", required=True, help="destination, relative to the repository root (e.g. assets/cards/NAME)")
+    p.add_argument("--av-folder", required=True, help="destination, relative to the nla_space package (e.g. assets/cards/NAME)")
     p.add_argument("--card-file", type=Path, required=True, help="card JSON to write (e.g. nla_space/cards/NAME.json)")
     p.add_argument("--card-id", required=True)
     p.add_argument("--aliases", default="", help="comma-separated")
     p.add_argument("--title", default="")
     p.add_argument("--description", default="")
     p.add_argument("--backbone", required=True, help="the backbone the run trained on (embedded:NAME, hub id, folder)")
-    p.add_argument("--calibrate", type=int, default=0, help="calibrate on the first N val texts (0: keep the card's calibration)")
+    p.add_argument("--calibrate", type=int, default=0,
+                   help="calibrate on the first N calibration texts (0: keep the card's calibration); see --calibration-texts")
+    p.add_argument("--calibration-texts", type=Path, default=None,
+                   help="JSONL of {text, kind} written like what users type (default: the corpus's val split)")
+    p.add_argument("--calibration-records", type=Path, default=None,
+                   help="refit from these per-text records (reading-eval --log-samples on the calibration texts) instead of verbalizing")
     p.add_argument("--strategy", default="guided", help="the card's default strategy, used for calibration")
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--guided-beta", type=float, default=1.0, help="β of guided decoding stored in the card (default 1)")
     p.add_argument("--target-precision", type=float, default=0.85)
+    p.add_argument("--feature", choices=FEATURES, default="margin40",
+                   help="the calibration feature (nla_space.specificity: z, or margin40 = margin over the pool's top 2.5%%)")
     p.add_argument("--device", default=None)
 
 
 def run(args: argparse.Namespace) -> int:
-    av_folder = REPO_ROOT / args.av_folder
+    av_folder = PACKAGE_ROOT / args.av_folder
     copy_av(args.run / "best", av_folder)
     bb = shared_backbone(args.backbone, device=args.device)
     spec_layer = read_spec(av_folder).layer
@@ -52,9 +63,20 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate:
         write_card(args.card_file, make(None))
         oc = open_card(Card.from_dict(make(None), str(args.card_file)), device=args.device)
-        rows = read_corpus(args.corpus, "val")[: args.calibrate]
-        calibration = calibrate(oc, rows, args.strategy, args.k, args.target_precision,
-                                records=args.run / "calibration_records.jsonl")
+        if args.calibration_texts is not None:
+            rows, name = calibration_rows(args.calibration_texts)[: args.calibrate], args.calibration_texts.name
+        else:
+            rows, name = read_corpus(args.corpus, "val")[: args.calibrate], "corpus val texts"
+        spec = Specificity.from_pool(load_pool(av_folder / "pool.safetensors"), oc.mu)
+        if args.calibration_records is not None:
+            recs = records_for(args.calibration_records, args.strategy, args.k, rows)
+            calibration = fit_from_records(recs, spec, args.strategy, args.k, args.target_precision, texts_name=name,
+                                           feature=args.feature)
+        else:
+            calibration, recs = calibrate(oc, rows, args.strategy, args.k, args.target_precision, spec,
+                                          records=args.run / "calibration_records.jsonl", texts_name=name, feature=args.feature)
+        spec.calibration = Calibration.from_dict(calibration, name)
+        keep["anchors"] = {**keep.get("anchors", {}), **confidence_anchors(recs, spec)}
     write_card(args.card_file, make(calibration))
     print(f"wrote {args.card_file} (calibration: {calibration})")
     return 0

@@ -18,8 +18,9 @@ Output ``--out DIR`` (the layout ``nla_space`` loads as a card, ``ARCHITECTURE.m
                       model-index with the eval results), how to load it with this project, the
                       numbers with their settings
 
-``--push REPO_ID`` uploads the folder with ``huggingface_hub`` using ``HF_TOKEN`` (or
-``HUGGING_FACE_HUB_TOKEN``) from the environment; offline mode or a missing token is a clear error.
+``--push REPO_ID`` uploads the folder with ``huggingface_hub``, whose own token resolution applies
+(``HF_TOKEN``, else the saved ``hf auth login``); offline mode or a missing token is a clear error.
+The front matter is written by ``huggingface_hub.ModelCardData`` with ``EvalResult`` rows.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from nla_space.backbone import EMBEDDED_BACKBONES
+from nla_space.cards import Card
 from nla_space.errors import CheckpointError, NLAInputError
 from nla_space.hub import load_state_dict
 from nla_space.io import atomic_write_json, atomic_write_text, save_tensors
@@ -100,25 +101,35 @@ def _mu(run: Path, args: argparse.Namespace) -> torch.Tensor | None:
     return None
 
 
-def model_index(name: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    entries = []
+def eval_results(results: list[dict[str, Any]]) -> list[Any]:
+    """The numbers of :data:`INDEX_METRICS` found in ``results``, as ``huggingface_hub`` ``EvalResult`` rows
+    (the model-index the Hub renders), one per metric, with the run's M, K, pool size and seed as dataset args."""
+    from huggingface_hub import EvalResult
+
+    rows = []
     for res in results:
         meta = res["meta"]
-        metrics = []
+        targets = Path(str(meta.get("targets") or "targets")).name
         for cmd, key, label in INDEX_METRICS:
             val = res.get(key)
-            if meta.get("command") == cmd and isinstance(val, (int, float)) and not isinstance(val, bool):
-                metrics.append({"name": label.format(K=meta.get("K")), "type": key, "value": round(float(val), 4)})
-        if not metrics:
-            continue
-        targets = Path(str(meta.get("targets") or "targets")).name
-        entries.append({
-            "task": {"type": "activation-verbalization", "name": f"Activation verbalization ({meta['command']})"},
-            "dataset": {"type": "nla-space/targets", "name": f"{targets} (test split, M={meta.get('M')})", "split": "test",
-                        "args": {"M": meta.get("M"), "K": meta.get("K"), "pool_size": meta.get("pool_size"), "seed": meta.get("seed")}},
-            "metrics": metrics,
-        })
-    return [{"name": name, "results": entries}] if entries else []
+            if meta.get("command") != cmd or not isinstance(val, (int, float)) or isinstance(val, bool):
+                continue
+            rows.append(EvalResult(
+                task_type="activation-verbalization", task_name=f"Activation verbalization ({cmd})",
+                dataset_type="nla-space/targets", dataset_name=f"{targets} (test split, M={meta.get('M')})",
+                dataset_split="test",
+                dataset_args={"M": meta.get("M"), "K": meta.get("K"), "pool_size": meta.get("pool_size"), "seed": meta.get("seed")},
+                metric_type=key, metric_name=label.format(K=meta.get("K")), metric_value=round(float(val), 4)))
+    return rows
+
+
+def card_data(name: str, base: str | None, results: list[dict[str, Any]]) -> Any:
+    """The model card's metadata (``huggingface_hub.ModelCardData``): licence, library, tags, base model, model-index."""
+    from huggingface_hub import ModelCardData
+
+    rows = eval_results(results)
+    return ModelCardData(license=LICENSE, library_name="nla-space", tags=TAGS, base_model=base,
+                         model_name=name if rows else None, eval_results=rows or None)
 
 
 def _table(res: dict[str, Any]) -> str:
@@ -132,20 +143,12 @@ def _table(res: dict[str, Any]) -> str:
 
 def model_card(name: str, cfg: NLAConfig, card: dict[str, Any], results: list[dict[str, Any]], eval_files: list[str],
                repo_id: str | None, training: str = "") -> str:
-    import yaml
-
     base = hub_base_model(cfg.backbone_id)
-    front: dict[str, Any] = {"license": LICENSE, "library_name": "nla-space", "tags": TAGS}
-    if base:
-        front["base_model"] = base
-    index = model_index(name, results)
-    if index:
-        front["model-index"] = index
     where = repo_id or "path/to/this/folder"
     load = (f'from huggingface_hub import snapshot_download\nfolder = snapshot_download("{repo_id}")\n' if repo_id
             else f'folder = "{where}"\n')
     parts = [
-        "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n",
+        "---\n" + card_data(name, base, results).to_yaml() + "\n---\n",
         f"# {name}\n",
         f"{card.get('description') or 'An SRT-style prefix activation verbalizer (AV) trained with nla-space.'}\n",
         "Given the hidden state v of a frozen backbone at one layer (the last token of a text), the AV writes a "
@@ -191,16 +194,15 @@ def model_card(name: str, cfg: NLAConfig, card: dict[str, Any], results: list[di
 
 
 def push(folder: Path, repo_id: str, private: bool) -> str:
-    from huggingface_hub import is_offline_mode
+    """Upload ``folder`` to the model repo ``repo_id``. The token is ``huggingface_hub``'s own: ``HF_TOKEN``,
+    else the login saved by ``hf auth login``."""
+    from huggingface_hub import HfApi, get_token, is_offline_mode
 
     if is_offline_mode():
         raise NLAInputError("cannot push: huggingface_hub is in offline mode (HF_HUB_OFFLINE=1); unset it to upload")
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if not token:
-        raise NLAInputError("cannot push: no Hub token; set HF_TOKEN (a write token) in the environment")
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
+    if not get_token():
+        raise NLAInputError("cannot push: no Hub token; run `hf auth login` or set HF_TOKEN (a write token)")
+    api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
@@ -254,13 +256,14 @@ def run(args: argparse.Namespace) -> int:
     cfg.to_json(out / "config.json")
     save_tensors(out / "av.safetensors", state, metadata={"format": "pt", "kind": "nla-prefix-av"})
     save_tensors(out / "mu.safetensors", {"mu": mu})
-    card = json.loads((run_dir / "card.json").read_text(encoding="utf-8")) if (run_dir / "card.json").is_file() else {}
-    card.update({"title": card.get("title") or name, "kind": "prefix", "layers": [cfg.extraction_layer],
-                 "mu_file": "mu.safetensors", "license": card.get("license") or LICENSE})
-    card.setdefault("backbone", {"id": cfg.backbone_id, "revision": None, "dtype": cfg.backbone_dtype})
-    if args.push:
-        card["id"] = args.push
-    card.pop("av", None)
+    old = json.loads((run_dir / "card.json").read_text(encoding="utf-8")) if (run_dir / "card.json").is_file() else {}
+    fields = {"backbone": {"id": cfg.backbone_id, "revision": None, "dtype": cfg.backbone_dtype}, **old, "title": old.get("title") or name,
+              "kind": "prefix", "layers": [cfg.extraction_layer], "mu_file": "mu.safetensors", "license": old.get("license") or LICENSE}
+    fields.pop("av", None)  # the release folder is the AV's location
+    card_id = args.push or old.get("id")
+    card = Card.from_dict({**fields, "id": card_id or name}, str(run_dir / "card.json")).to_dict()
+    if card_id is None:
+        card.pop("id")  # opened as a folder, the card's id is the folder (nla_space.cards.card_from_folder)
     atomic_write_json(out / "card.json", card)
     eval_files: list[str] = []
     for res in results:

@@ -1,4 +1,4 @@
-"""``python -m eval_harness targets``: build a (resumable) targets dataset; see :mod:`eval_harness.targets`."""
+"""``python -m eval_harness targets``: build a (resumable) targets dataset; see :mod:`eval_harness.data.targets`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from nla_space.backbone import shared_backbone
 from nla_space.io import check_writable
-from nla_space.runtime import shared_backbone
 
-from .targets import HealthThresholds, TargetsSpec, build_targets
+from .data.targets import HealthThresholds, TargetsSpec, build_targets
 
 HELP = "sample (or read from a corpus) texts and store their layer-L activations as a targets dataset"
 

@@ -1,4 +1,4 @@
-"""``python -m eval_harness text-corpus``: build the natural-text window corpus; see :mod:`eval_harness.text_corpus`."""
+"""``python -m eval_harness text-corpus``: build the natural-text window corpus; see :mod:`eval_harness.data.text_corpus`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from nla_space.cards import REPO_ROOT
+from nla_space.cards import ASSETS_DIR
 
-from .text_corpus import build_corpus
+from .data.text_corpus import build_corpus
 
 HELP = "build a corpus of natural text windows (fortunes, Python docs and code, Debian summaries, prompts) offline"
 
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="corpus JSONL (a .meta.json is written beside it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--caps", default=json.dumps(DEFAULT_CAPS), help="JSON: windows per source")
-    p.add_argument("--prompts", type=Path, default=REPO_ROOT / "assets/corpora/user_prompts_v1.jsonl")
+    p.add_argument("--prompts", type=Path, default=ASSETS_DIR / "corpora/user_prompts_v1.jsonl")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,11 +6,15 @@ Steps (each writes atomically; rerunning redoes only what is asked):
 2. **μ and pool**: the layer-ℓ activations of the corpus's ``mu_pool`` split (never trained on, never
    evaluated), read like typed texts; μ is their mean (``mu.safetensors``), the pool is the vectors
    (``pool.safetensors``, float16) that specificity is measured against (:mod:`nla_space.specificity`).
-3. **Calibration** (``--calibrate N``): the first N texts of the corpus's ``val`` split verbalized at
-   the card's default strategy and K; each answer's specificity and its 1-in-40 retrieval correctness
-   among the N (20 random 40-sets) give the logistic fit and the threshold τ at the target precision
-   (:func:`nla_space.specificity.fit_calibration`). Written into the card file's
-   ``patch.calibration`` with ``default_tau = τ``.
+3. **Calibration** (``--calibrate N``): N calibration texts verbalized at the card's default strategy
+   and K; each answer's specificity and its 1-in-40 retrieval correctness among the N (20 random
+   40-sets, distractors of the same kind first) give the logistic fit and the threshold τ at the
+   target precision (:func:`nla_space.specificity.fit_calibration`). The texts are the first N of
+   ``--calibration-texts`` (a JSONL of ``{"text", "kind"}`` written like what users type; the shipped
+   ``assets/corpora/calibration_84_v1.jsonl``), else of the corpus's ``val`` split. With
+   ``--calibration-records`` the fit is redone from a ``reading-eval --log-samples`` file of those
+   texts, without verbalizing again. Written into the card file's ``patch.calibration`` with
+   ``default_tau = τ``, and the confidence scale's anchors into ``anchors`` (:func:`confidence_anchors`).
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ import torch
 from nla_space.activations import read_rows
 from nla_space.backbone import Backbone
 from nla_space.cards import Card
+from nla_space.cards.sections import PatchSection
 from nla_space.errors import NLAInputError
 from nla_space.io import atomic_write_json, save_tensors
-from nla_space.specificity import POOL_KEY, fit_calibration, retrieval_correct
+from nla_space.specificity import POOL_KEY, Calibration, Specificity, fit_calibration, retrieval_correct
 from nla_space.verbalizers.patch import SPEC_FILE
 
-from .reading_eval import ReadingEval
-from .text_corpus import read_corpus
+from .evals.reading_eval import ReadingEval
+from .data.text_corpus import read_corpus
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +69,9 @@ def write_pool(backbone: Backbone, layer: int, corpus: Path, folder: Path, max_r
     return {"pool_rows": len(texts), "source": f"{corpus} (mu_pool split)"}
 
 
-def calibrate(oc: Any, rows: list[dict[str, Any]], strategy: str, k: int, target_precision: float, seed: int = 0,
-              records: Path | None = None) -> dict[str, Any]:
+def calibrate(oc: Any, rows: list[dict[str, Any]], strategy: str, k: int, target_precision: float, spec: Specificity,
+              seed: int = 0, records: Path | None = None, texts_name: str = "val texts",
+              feature: str = "margin40") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Verbalize the corpus ``rows`` and fit the confidence (module docstring, step 3); returns the
     calibration dict. The per-text records (text, source, answer, specificity, vectors) are kept in
     ``records`` (JSONL) when given, so the fit can be redone without verbalizing again."""
@@ -77,35 +83,76 @@ def calibrate(oc: Any, rows: list[dict[str, Any]], strategy: str, k: int, target
     recs = [{**ev.sample(i, r["text"]), "source": r.get("source", "")} for i, r in enumerate(tqdm(rows, desc="calibrating", unit="text"))]
     if records is not None:
         atomic_write_text(records, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-    return fit_from_records(recs, oc.mu, strategy, k, target_precision, seed)
+    return fit_from_records(recs, spec, strategy, k, target_precision, seed, texts_name, feature), recs
 
 
-def fit_from_records(recs: list[dict[str, Any]], mu: torch.Tensor, strategy: str, k: int, target_precision: float,
-                     seed: int = 0) -> dict[str, Any]:
+def fit_from_records(recs: list[dict[str, Any]], spec: Specificity, strategy: str, k: int, target_precision: float,
+                     seed: int = 0, texts_name: str = "val texts", feature: str = "margin40") -> dict[str, Any]:
+    """Fit the confidence on the per-text records (each answer's ``h`` and its text's ``v``) with the
+    card's pool and μ (``spec``): the calibration feature of each answer against retrieval-correctness."""
     H = torch.tensor([r["h"] for r in recs])
     V = torch.tensor([r["v"] for r in recs])
-    z = torch.tensor([r["specificity"] for r in recs])
-    correct = retrieval_correct(H, V, mu, n=40, groups=[r.get("source", "") for r in recs])
+    z = spec.feature(feature, H, V)
+    correct = retrieval_correct(H, V, spec.mu, n=40, groups=[r.get("source", "") for r in recs])
     settings = {"strategy": strategy, "k": k, "seed": seed, "texts": len(recs), "target_precision": target_precision,
-                "correct": "1-in-40 retrieval among val texts, distractors from the same source first (20 random sets each)"}
-    cal = fit_calibration(z, correct, target_precision, settings)
+                "calibration_texts": texts_name,
+                "correct": f"1-in-40 retrieval among the {texts_name}, distractors of the same kind first (20 random sets each)"}
+    cal = fit_calibration(z, correct, target_precision, settings, feature=feature)
     log.info("calibration: %s", cal)
     return cal.__dict__
+
+
+def calibration_rows(texts: Path) -> list[dict[str, Any]]:
+    """Calibration texts from a JSONL of ``{"text", "kind"}`` rows, as ``{"text", "source"}`` (the kind groups distractors)."""
+    rows = []
+    for n, line in enumerate(texts.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            r = json.loads(line)
+            if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+                raise NLAInputError(f"{texts}:{n}: expected a JSON object with a 'text'")
+            rows.append({"text": r["text"], "source": str(r.get("kind", ""))})
+    return rows
+
+
+def records_for(path: Path, strategy: str, k: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-text records of ``strategy``/``k`` in a ``reading-eval --log-samples`` file, each given the
+    ``source`` (kind) of its text in ``rows``; every row must have its record."""
+    kinds = {r["text"]: r["source"] for r in rows}
+    recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    recs = [{**r, "source": kinds[r["text"]]} for r in recs
+            if r.get("strategy") == strategy and (strategy == "greedy" or r.get("k") == k) and r.get("text") in kinds]
+    if len(recs) != len(rows):
+        raise NLAInputError(f"{path}: {len(recs)} records of {strategy} K={k} for {len(rows)} calibration texts")
+    return recs
+
+
+def confidence_anchors(recs: list[dict[str, Any]], spec: Specificity, seed: int = 0) -> dict[str, Any]:
+    """The confidence scale's floor and ceiling on the calibration texts, for the score plot: the mean
+    confidence of an unrelated text's re-encode (each text's activation queried by another text's)
+    and of the text itself (its own activation as the answer, the replay)."""
+    V = torch.tensor([r["v"] for r in recs])
+    other = torch.roll(torch.arange(len(recs)), shifts=1 + seed % max(1, len(recs) - 1))
+    floor = spec.confidence(V[other], V)
+    ceiling = spec.confidence(V, V)
+    return {"random_floor_conf": round(float(floor.mean()), 4), "ceiling_conf": round(float(ceiling.mean()), 4),
+            "ceiling_conf_name": "the input text itself (replay)",
+            "conf_source": f"mean over the {len(recs)} calibration texts (patch-release)"}
 
 
 def card_dict(card_id: str, aliases: list[str], title: str, description: str, backbone: dict[str, Any], layer: int,
               av_folder: str, calibration: dict[str, Any] | None, default_strategy: str, extra: dict[str, Any],
               guided_beta: float = 1.0) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": card_id, "aliases": aliases, "kind": "patch", "title": title, "description": description, "license": "apache-2.0",
-        "backbone": backbone, "layers": [layer], "av": {"folder": av_folder}, "mu_file": "mu.safetensors",
-        "default_tau": calibration["tau"] if calibration else 0.6,
-        "patch": {"pool_file": "pool.safetensors", "default_strategy": default_strategy, "guided_beta": guided_beta,
-                  **({"calibration": calibration} if calibration else {})},
-        "anchors": {}, "published": {}, **extra,  # extra (the card file's kept sections) may fill these
-    }
-    Card.from_dict(data, card_id)  # refuses a malformed card before it is written
-    return data
+    """The patch card file's JSON, built and checked through :class:`Card` (``extra``: the old card file's kept
+    sections, by key); ``default_tau`` is the calibration's τ, else the card's default."""
+    where = f"card {card_id}"
+    patch = PatchSection(pool_file="pool.safetensors", default_strategy=default_strategy, guided_beta=guided_beta,
+                         calibration=Calibration.from_dict(calibration, f"{where}: 'patch.calibration'") if calibration else None)
+    card = Card.from_dict({**extra, "id": card_id, "aliases": aliases, "kind": "patch", "title": title, "description": description,
+                           "license": "apache-2.0", "backbone": backbone, "layers": [layer], "av": {"folder": av_folder},
+                           "mu_file": "mu.safetensors", "patch": patch.to_dict()}, where)
+    if patch.calibration is not None:
+        card.default_tau = patch.calibration.tau
+    return card.to_dict()
 
 
 def write_card(path: Path, data: dict[str, Any]) -> None:

@@ -60,10 +60,10 @@ def parameter_count(shape: dict[str, Any]) -> int:
 
 def _card_with_shape(name: str) -> Card:
     card = find_card(name)
-    if not card.backbone.get("shape"):
+    if not card.backbone.shape:
         from nla_space.cards import builtin_cards
 
-        with_shape = [c.aliases[0] if c.aliases else c.id for c in builtin_cards() if c.backbone.get("shape")]
+        with_shape = [c.aliases[0] if c.aliases else c.id for c in builtin_cards() if c.backbone.shape]
         raise NLAInputError(f"card {card.id} has no backbone.shape; cards with one: {', '.join(with_shape)}")
     return card
 
@@ -75,8 +75,8 @@ def random_weights_card(name: str, device: str | None = None, dtype: str | None 
 
     card = _card_with_shape(name)
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev, card.backbone.get("dtype"))
-    cfg = shape_config(card.backbone["shape"], layers)
+    dt = resolve_dtype(dtype, dev, card.backbone.dtype)
+    cfg = shape_config(card.backbone.shape or {}, layers)
     torch.manual_seed(seed)
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
@@ -89,7 +89,7 @@ def random_weights_card(name: str, device: str | None = None, dtype: str | None 
         backbone_dtype=bb.dtype_name,
         extraction_layer=layer,
         max_new_tokens=64,
-        num_prefix_tokens=int(card.av.get("num_prefix_tokens", 1)),
+        num_prefix_tokens=card.av.num_prefix_tokens,
     )
     av = build_prefix_av(av_cfg, bb).eval()
     for p in av.parameters():
@@ -99,4 +99,4 @@ def random_weights_card(name: str, device: str | None = None, dtype: str | None 
              bb.dtype_name, dev)
     shaped = dataclasses.replace(card, layers=[layer])
     return OpenCard(card=shaped, backbone=bb, av=av, trained=False, mu=None,
-                    notes=[f"random weights in the shape of {card.backbone_id} ({card.backbone['shape'].get('source', '')})"])
+                    notes=[f"random weights in the shape of {card.backbone_id} ({(card.backbone.shape or {}).get('source', '')})"])

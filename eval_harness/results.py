@@ -1,6 +1,6 @@
 """Results files: the ``meta`` block, atomic writes, per-target resume, per-sample logs.
 
-Every eval command writes **one JSON file**: the reference key names (``srt.md`` §6) at the top
+Every eval command writes **one JSON file**: the reference key names (the SRT eval scripts', ``docs/evals.md``) at the top
 level, plus ``meta`` (:func:`run_meta`): command, card, backbone + revision, layer, M, K, pool
 size, seed, targets folder and split, μ source, git commit, package versions, device, start/finish
 time and wall time. Written atomically (:func:`nla_space.io.atomic_write_json`).
@@ -75,10 +75,26 @@ def device_info(device: Any) -> str:
     return f"{dev} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()})"
 
 
+def portable(value: Any, root: Path = REPO_ROOT) -> Any:
+    """``value`` with every absolute path string made portable: relative to the repository (``root``)
+    when under it, ``~/…`` when under the home folder; other values unchanged (dicts and lists walked)."""
+    if isinstance(value, dict):
+        return {k: portable(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, root) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        p = Path(value)
+        for base, prefix in ((root.resolve(), ""), (Path.home().resolve(), "~/")):
+            if p.is_relative_to(base):
+                return prefix + p.relative_to(base).as_posix()
+    return value
+
+
 def run_meta(command: str, fields: dict[str, Any], started: float, started_iso: str, out: Path,
              args: Any = None) -> dict[str, Any]:
     """The ``meta`` block: the command's own fields plus provenance and timing; ``args`` (the parsed
-    arguments) are recorded as strings."""
+    arguments) are recorded as strings. Paths are recorded relative to the repository (:func:`portable`),
+    so a results file does not carry the layout of the machine that ran it."""
     meta = {"command": command, **fields}
     meta.update({
         "path": str(out),
@@ -90,7 +106,7 @@ def run_meta(command: str, fields: dict[str, Any], started: float, started_iso: 
         "finished": now_iso(),
         "wall_time_s": round(time.time() - started, 2),
     })
-    return meta
+    return portable(meta)
 
 
 @dataclass

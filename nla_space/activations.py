@@ -10,11 +10,28 @@ Layer index
     their card file.
 
 Read position
-    The last valid token of each row (the last 1 of the attention mask).
+    The last valid token of each row (the last 1 of the attention mask). A request may name another
+    token of its text with ``position``, which indexes the text's tokens *as the card reads them*:
+    0 is the first token of the text (BOS and any template tokens excluded), a negative position
+    counts from the end (−1 is the last token of the text), and None is the card's own read position
+    (the last token it reads). Out of range raises :class:`NLAInputError` with ``field="position"``
+    (:func:`resolve_position`). Every card kind follows this one convention:
+
+    * readers of raw text (prefix and patch cards, and injection cards whose input is the raw text):
+      the state at token p of ``[BOS] + text`` is, in a causal model, the last-token state of
+      ``[BOS] + tokens[:p+1]``, and that is how it is computed (:func:`read_ids` cuts the ids after
+      token p). So ``position=p`` verbalizes exactly as the text cut after its token p, and
+      ``position=-1`` exactly as ``position=None`` (when the last token read is the text's last);
+    * cards whose read token is fixed by their prompt template (an injection card that reads the
+      text inside its chat template, at the template's last token) refuse any position but None:
+      that is the only token their AV was trained to read.
+
+    A verbalization reports the token it read (``Verbalization.position``: the resolved non-negative
+    index, None for a raw vector or a template token; ``read_token``: its text piece).
 
 Text input
     ``[BOS] + tokens(text, no special tokens)`` when the backbone has a BOS id, as the targets
-    were built (``srt.md`` §4.1).
+    were built by the SRT reference (``scripts/sample_targets.py``, ``docs/references.md``).
 
 Truncated forward
     Runs the embedding and blocks ``0 … ℓ−1`` only: no later blocks, no final norm, no LM head.
@@ -26,6 +43,7 @@ Truncated forward
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -134,6 +152,39 @@ def encode_text(backbone: Backbone, text: str, max_tokens: int | None = None) ->
     return torch.tensor([ids], dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class ReadToken:
+    """The token a text is read at: ``index`` into the text's tokens (see "Read position"; None when
+    it is a template token, not one of the text's) and its text ``piece``."""
+
+    index: int | None
+    piece: str
+
+
+def resolve_position(position: int | None, n_tokens: int) -> int:
+    """``position`` as a non-negative index into ``n_tokens`` text tokens (None: the last one);
+    :class:`NLAInputError` (``field="position"``) when it is not an integer in ``[−n, n−1]``."""
+    if n_tokens < 1:
+        raise NLAInputError("the text produced no tokens", field="text")
+    if position is None:
+        return n_tokens - 1
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise NLAInputError(f"position must be an integer, got {position!r}", field="position")
+    if not -n_tokens <= position < n_tokens:
+        raise NLAInputError(f"position {position} is out of range: the text has {n_tokens} token(s), so "
+                            f"{-n_tokens} ≤ position ≤ {n_tokens - 1}", field="position")
+    return position % n_tokens
+
+
+def read_ids(backbone: Backbone, text: str, position: int | None = None, max_tokens: int | None = None) -> tuple[torch.Tensor, ReadToken]:
+    """``[BOS] + tokens(text)`` cut after the token read (1, T′), and that token (module docstring, "Read position")."""
+    ids = encode_text(backbone, text, max_tokens)
+    start = 1 if backbone.bos_id is not None else 0
+    p = resolve_position(position, ids.shape[1] - start)
+    at = start + p
+    return ids[:, : at + 1], ReadToken(p, backbone.tokenizer.decode([int(ids[0, at])]))
+
+
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``(ids, mask)`` (B, T) long tensors of token rows (an empty row becomes one pad, masked)."""
     T = max(1, max((len(r) for r in rows), default=1))
@@ -160,24 +211,28 @@ def read_rows(backbone: Backbone, layer: int, rows: list[list[int]], batch_size:
 
 
 @torch.inference_mode()
-def extract_layers(backbone: Backbone, text: str, layers: Sequence[int], max_tokens: int | None = None) -> dict[int, torch.Tensor]:
-    """The activation ``v`` (float32, shape (d,)) of ``text`` at each of ``layers``, read at its last
-    token (:func:`hidden_at_layers`)."""
-    ids = encode_text(backbone, text, max_tokens).to(backbone.device)
+def extract_layers(backbone: Backbone, text: str, layers: Sequence[int], max_tokens: int | None = None,
+                   position: int | None = None) -> dict[int, torch.Tensor]:
+    """The activation ``v`` (float32, shape (d,)) of ``text`` at each of ``layers``, read at its token
+    ``position`` (None: the last; :func:`read_ids`, :func:`hidden_at_layers`)."""
+    ids, _ = read_ids(backbone, text, position, max_tokens)
+    ids = ids.to(backbone.device)
     mask = torch.ones_like(ids)
     hidden = hidden_at_layers(backbone, layers, input_ids=ids, attention_mask=mask)
     return {ell: read_last_valid(h, mask)[0].float().cpu() for ell, h in hidden.items()}
 
 
-def extract(backbone: Backbone, text: str, layer: int, max_tokens: int | None = None) -> torch.Tensor:
-    """The activation ``v`` (float32, shape (d,)) of ``text`` at ``layer``, read at its last token."""
-    return extract_layers(backbone, text, [layer], max_tokens)[layer]
+def extract(backbone: Backbone, text: str, layer: int, max_tokens: int | None = None, position: int | None = None) -> torch.Tensor:
+    """The activation ``v`` (float32, shape (d,)) of ``text`` at ``layer``, read at its token ``position`` (None: the last)."""
+    return extract_layers(backbone, text, [layer], max_tokens, position)[layer]
 
 
 @torch.inference_mode()
 def token_states(backbone: Backbone, text: str, layer: int, max_tokens: int | None = None) -> tuple[list[str], torch.Tensor]:
-    """Per-token strings and hidden states (float32, (T, d)) of ``[BOS] + text`` at ``layer``."""
+    """Each text token's string and hidden state (float32, (n, d)) at ``layer``, from one forward of
+    ``[BOS] + text``; the BOS is left out, so row p is (up to float rounding) the state read at ``position=p``."""
     ids = encode_text(backbone, text, max_tokens).to(backbone.device)
     hidden = hidden_at_layer(backbone, layer, input_ids=ids, attention_mask=torch.ones_like(ids))[0]
-    pieces = [backbone.tokenizer.decode([int(i)]) for i in ids[0]]
-    return pieces, hidden.float().cpu()
+    start = 1 if backbone.bos_id is not None else 0
+    pieces = [backbone.tokenizer.decode([int(i)]) for i in ids[0, start:]]
+    return pieces, hidden[start:].float().cpu()

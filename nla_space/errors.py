@@ -5,7 +5,13 @@ from __future__ import annotations
 
 
 class NLAInputError(ValueError):
-    """Bad input from a user: text, vector, parameter, card name, layer, or file."""
+    """Bad input from a user: text, vector, parameter, card name, layer, or file.
+
+    ``field``: the request parameter at fault, when there is one (the app marks that input)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class CheckpointError(NLAInputError):

@@ -33,14 +33,13 @@ import torch
 from .activations import pad_rows, truncated_decoder
 from .backbone import Backbone
 from .kv_cache import preallocated_cache, reorder_cache
-from .policy import score_vectors
+from .policy import STRATEGIES, score_vectors  # noqa: F401  (STRATEGIES: re-exported)
 from .rollout import Rollout, pick_next, request_generator
 
 log = logging.getLogger(__name__)
 
 #: β of the potential ``exp(β φ)``: φ is a z-score (specificity), so 1 nat per pool standard deviation
 DEFAULT_BETA = 1.0
-STRATEGIES = ("best-of-k", "guided", "greedy")
 
 
 class Stepper(Protocol):

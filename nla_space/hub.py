@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 #: Globals a reference ``best_av.pt`` may reference besides tensors and containers: its ``cfg``
-#: holds ``pathlib`` paths (``srt.md`` §7.13). Nothing else is allowed.
+#: holds ``pathlib`` paths (the SRT trainers save their argparse settings there). Nothing else is allowed.
 SAFE_PICKLE_GLOBALS: tuple[type, ...] = (
     pathlib.PosixPath,
     pathlib.PurePosixPath,

@@ -2,19 +2,19 @@
 
 Conventions (stated once here; the eval commands cite them):
 
-* **1-in-n retrieval** (``nla_at_home.md`` §4.1): a query is *right* when the argmax of its scores
+* **1-in-n retrieval** (nla-at-home's ``scripts/av_policy.py --eval``, ``docs/references.md``): a query is *right* when the argmax of its scores
   over the n keys (the first index on ties, as ``torch.argmax``) is its own key.
-* **Mean-centred row cosine** (§4.3, "mean-centred per-layer cosine"): P (reconstructions) and T
+* **Mean-centred row cosine** (nla-at-home's ``scripts/eval_roundtrip_phi4.py``, "mean-centred per-layer cosine"): P (reconstructions) and T
   (true activations), same rows; both centred by **their own** row means; the mean over rows of
   ``cos(Pc_i, Tc_i)``; float64.
-* **Bootstrap** (§4.3, the reference's CI script is not published; this is the report's compatible
-  reading): B resamples of the n items with replacement, drawn from a ``torch.Generator`` seeded with
+* **Bootstrap** (nla-at-home's CI script is not published; this is our compatible reading of the
+  B = 20k percentile CI its AR model card reports): B resamples of the n items with replacement, drawn from a ``torch.Generator`` seeded with
   ``seed`` (so a seed gives the same CI); the **same** resamples for every layer and every arm
   (paired); each statistic is recomputed on the resample (for the centred cosine the centring means
   too); the CI is the (2.5, 97.5) percentile pair (linear interpolation). A resample is represented
   by its count vector ``w`` (how often each item was drawn, ``Σw = n``), so the centred cosine of a
   resample is computed exactly from n×n Gram matrices without materialising (B, n, d) tensors.
-* **Forced choice against a wrong activation** (§4.4): ``correct_i = cos(P_i, T_i)``, ``wrong_i =
+* **Forced choice against a wrong activation** (nla-at-home's ``scripts/experiments/stress_test_nla.py``): ``correct_i = cos(P_i, T_i)``, ``wrong_i =
   cos(P_i, T_{(i+1) mod n})``; top-1 = the fraction with ``correct_i > wrong_i``.
 """
 

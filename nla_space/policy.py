@@ -1,7 +1,7 @@
 """Candidate selection and τ hedging.
 
 Candidates come from a decoding strategy (best-of-K sampling, guided decoding, or one greedy
-candidate: :data:`nla_space.guided.STRATEGIES`); all are re-encoded and scored raw and (when the card
+candidate: :data:`STRATEGIES`); all are re-encoded and scored raw and (when the card
 has μ) centered. On a card that ships a specificity pool (:mod:`nla_space.specificity`) each also gets
 its specificity ``z`` and calibrated confidence; ``best`` is then the argmax of ``z`` and the answer
 is hedged when its confidence is under τ. Otherwise ``best`` is the argmax of the centered score (raw
@@ -18,13 +18,41 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import NLAInputError
 from .rollout import Rollout
 from .scoring import fve_nrm, fve_nrm_centered
 from .specificity import Specificity
 
+#: the decoding strategies (``guided`` is :mod:`nla_space.guided`)
+STRATEGIES = ("best-of-k", "guided", "greedy")
+
 #: Largest K the CLI and the app accept.
 MAX_K = 256
 MAX_NEW_TOKENS = 256
+
+#: ``progress(fraction, message)``: how a verbalize or a sweep reports its advance
+ProgressFn = Callable[[float, str], None]
+
+#: What a :class:`Note` is about (renderers choose by kind, never by the wording):
+#: ``untrained`` repeats ``trained=False``, ``uncentered`` repeats ``centered=False`` (both have their own
+#: badge), ``depth`` is the prompt depth the AV was told (a sweep's depth column), ``out-of-distribution``
+#: a request outside what the AV was trained on, ``card`` anything else the card says.
+NOTE_KINDS = ("untrained", "uncentered", "depth", "out-of-distribution", "card")
+
+
+@dataclass(frozen=True)
+class Note:
+    """One note of a verbalization: its :data:`NOTE_KINDS` kind and the sentence a person reads."""
+
+    kind: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in NOTE_KINDS:
+            raise ValueError(f"note kind must be one of {NOTE_KINDS}, got {self.kind!r}")
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass
@@ -54,12 +82,17 @@ class Verbalization:
     candidates: list[Candidate]
     best_index: int
     timings: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
     #: a second opinion over the same candidates (the compass rerank, :func:`nla_space.compass.opinion`), or None
     compass: dict[str, Any] | None = None
     strategy: str = "best-of-k"
     #: what "confident" means on this card (calibrated cards), for the badge
     confidence_meaning: str | None = None
+    #: the token read, as an index into the text's tokens (:mod:`nla_space.activations`, "Read position");
+    #: None for a raw vector, or when the card reads a token of its own template rather than of the text
+    position: int | None = None
+    #: the text piece of the token read (None for a raw vector)
+    read_token: str | None = None
 
     @property
     def best(self) -> Candidate:
@@ -105,8 +138,10 @@ class Verbalization:
             "best": asdict(self.best),
             "candidates": [asdict(c) for c in self.candidates],
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
-            "notes": list(self.notes),
+            "notes": [asdict(n) for n in self.notes],
             "compass": self.compass,
+            "position": self.position,
+            "read_token": self.read_token,
         }
 
 
@@ -137,7 +172,7 @@ def best_of_k(
     """Build scored candidates from a rollout and its re-encoded vectors; return them and the best index."""
     raw, cen = score_vectors(h, v, mu)
     z = specificity.z(h, v) if specificity is not None else None
-    conf = specificity.confidence(z) if specificity is not None else None
+    conf = specificity.confidence(h, v) if specificity is not None else None
     cands = []
     for i in range(rollout.ids.shape[0]):
         n = int(rollout.mask[i].sum())
@@ -180,15 +215,17 @@ def run(
     temperature: float,
     greedy: bool,
     seed: int | None,
-    notes: list[str],
+    notes: list[Note],
     read: Callable[[], torch.Tensor],
     roll: Callable[[torch.Tensor], Rollout],
     score: Callable[[Rollout, torch.Tensor], tuple[list[Candidate], int, bool]],
-    progress: Callable[[float, str], None] | None = None,
+    progress: ProgressFn | None = None,
     score_label: str = "re-encoding and scoring",
     second_opinion: Callable[[list[Candidate], torch.Tensor], dict[str, Any]] | None = None,
     strategy: str = "best-of-k",
     confidence_meaning: str | None = None,
+    position: int | None = None,
+    read_token: str | None = None,
 ) -> Verbalization:
     """The one verbalize flow every card kind walks: read v, sample, score, pick, time it.
 
@@ -196,7 +233,7 @@ def run(
     candidates, the best index and whether the scores are centered. ``second_opinion(candidates,
     v)``, when given, reranks the same candidates another way (the compass) and is reported beside
     the oracle pick, never instead of it. Parameters are checked by the caller (:func:`check_params`)
-    before anything runs.
+    before anything runs; ``position``/``read_token`` say which token ``read()`` reads (resolved by the caller).
     """
     timer = Timer()
     step = progress or (lambda frac, msg: None)
@@ -233,14 +270,13 @@ def run(
         compass=second,
         strategy=strategy,
         confidence_meaning=confidence_meaning,
+        position=position,
+        read_token=read_token,
     )
 
 
 def resolve_strategy(strategy: str | None, greedy: bool, default: str) -> str:
     """The decoding strategy of a request: ``greedy=True`` means ``"greedy"``; None means the card's default."""
-    from .errors import NLAInputError
-    from .guided import STRATEGIES
-
     if greedy:
         if strategy not in (None, "greedy"):
             raise NLAInputError(f"greedy=True contradicts strategy={strategy!r}")
@@ -253,8 +289,6 @@ def resolve_strategy(strategy: str | None, greedy: bool, default: str) -> str:
 
 def check_params(k: int, tau: float, temperature: float, max_new_tokens: int, seed: int | None = None) -> None:
     """Refuse parameters outside the stated ranges with a readable message."""
-    from .errors import NLAInputError
-
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
         raise NLAInputError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
 

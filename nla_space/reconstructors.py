@@ -1,6 +1,9 @@
 """Activation reconstructors (ARs): text → activation, used as the scorer of injection cards.
 
-Three released layouts share one forward (``kitft_nla.md`` §1.1, §1.5; ``nla_at_home.md`` §2):
+Three released layouts share one forward: Anthropic's NLA ARs
+(https://github.com/kitft/natural_language_autoencoders, e.g.
+https://huggingface.co/kitft/nla-qwen2.5-7b-L20-ar) and nla-at-home's LoRA ARs
+(https://github.com/anicka-net/nla-at-home, e.g. https://huggingface.co/anicka/nla-phi4-universal-ar-v2):
 
 ``value_head`` (Anthropic)
     A full fine-tune truncated to blocks ``0..K`` (``num_hidden_layers = K+1``), final norm and LM
@@ -47,16 +50,17 @@ import torch
 
 from .activations import decoder_of
 from .backbone import Backbone, load_backbone
+from .card_files import ADAPTER_PATTERNS, FULL_PATTERNS, compass_scorer, section_files
+from .cards.sections import AR_KINDS, AR_TEMPLATE, ReconstructorSection
+from .compass import CompassScorer
 from .errors import CheckpointError, NLAInputError
 from .hub import load_state_dict
-from .sidecar import load_sidecar
+from .sidecar import Sidecar, load_sidecar
+from .verbalizers.lora import attach_lora
 
 log = logging.getLogger(__name__)
 
-#: The AR template of Anthropic's NLA and nla-at-home's current ARs (``kitft_nla.md`` §1.4).
-AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
-
-AR_KINDS = ("value_head", "lora_heads", "lora_marker", "compass")
+__all__ = ["AR_KINDS", "AR_TEMPLATE", "ARSpec", "Reconstructor", "head_layer_keys", "identity_head", "nrm_mse", "open_reconstructor"]
 
 
 def normalize_to(x: torch.Tensor, s: float) -> torch.Tensor:
@@ -90,22 +94,33 @@ def head_layer_keys(tensors: dict[str, torch.Tensor], block_offset: int = 1) -> 
 
 @dataclass
 class ARSpec:
-    template: str = AR_TEMPLATE
-    add_special_tokens: bool = True
-    padding_side: str = "right"
-    max_tokens: int = 256
-    read: str = "last"
-    marker: str | None = None
-    block_offset: int = 1
-    mse_scale: float | None = None
+    """How an AR reads a text: a card's :class:`~nla_space.cards.sections.ReconstructorSection` (which
+    states every default) merged with the AR's sidecar (its ``ar`` template and ``mse_scale`` win)."""
 
-    def validate(self, where: str) -> None:
-        if "{explanation}" not in self.template:
+    template: str
+    add_special_tokens: bool
+    padding_side: str
+    max_tokens: int
+    read: str
+    marker: str | None
+    block_offset: int
+    mse_scale: float | None
+
+    @classmethod
+    def from_section(cls, section: ReconstructorSection, sidecar: Sidecar | None, where: str) -> "ARSpec":
+        spec = cls(
+            template=sidecar.ar_template if sidecar and sidecar.ar_template else section.template,
+            add_special_tokens=section.add_special_tokens,
+            padding_side=section.padding_side,
+            max_tokens=section.max_tokens,
+            read=section.read,
+            marker=section.marker,
+            block_offset=section.block_offset,
+            mse_scale=sidecar.mse_scale if sidecar and sidecar.mse_scale is not None else section.mse_scale,
+        )
+        if "{explanation}" not in spec.template:
             raise CheckpointError(f"{where}: the AR template has no {{explanation}} placeholder")
-        if self.padding_side not in ("left", "right"):
-            raise CheckpointError(f"{where}: padding_side must be 'left' or 'right'")
-        if self.read not in ("last", "marker") or (self.read == "marker" and not self.marker):
-            raise CheckpointError(f"{where}: read must be 'last', or 'marker' with a marker")
+        return spec
 
 
 @dataclass
@@ -251,14 +266,14 @@ class Reconstructor:
 
 
 def open_reconstructor(
-    section: dict[str, Any],
+    section: ReconstructorSection,
     device: str | None = None,
     dtype: str | None = None,
     where: str = "reconstructor",
     default_base: tuple[str, str | None] | None = None,
     share: tuple[str, str | None, Backbone, Any] | None = None,
     explicit_dtype: str | None = None,
-) -> Reconstructor:
+) -> Reconstructor | CompassScorer:
     """Load the AR a card's ``reconstructor`` section names (see the module docstring for the kinds).
 
     ``dtype`` is the card's backbone dtype (used on CUDA only), ``explicit_dtype`` the user's request
@@ -270,49 +285,33 @@ def open_reconstructor(
     ``share = (base id, revision, backbone, PeftModel)``: a LoRA AR on that same base is loaded as a
     second adapter (``"ar"``) of that PeftModel instead of a second copy of the base; it is made
     active only for its own forwards."""
-    from .verbalizers.injection import ADAPTER_PATTERNS, FULL_PATTERNS, attach_lora, section_files
-
-    kind = section.get("kind")
-    if kind not in AR_KINDS:
-        raise CheckpointError(f"{where}: reconstructor.kind must be one of {AR_KINDS}, got {kind!r}")
+    kind = section.kind
     if kind == "compass":
-        from .compass import open_compass_scorer
-
-        return open_compass_scorer(section, section_files(section, ["*.safetensors", "*.json"], f"{where} compass"))  # type: ignore[return-value]
-    head_file = section.get("head_file")
+        return compass_scorer(section.compass_section(), section_files(section, ["*.safetensors", "*.json"], f"{where} compass"))
+    head_file = section.head_file_name
     patterns = (FULL_PATTERNS if kind == "value_head" else ADAPTER_PATTERNS) + ([head_file] if head_file else [])
     folder = section_files(section, patterns, f"{where} AR")
     sidecar = load_sidecar(folder)
-    spec = ARSpec(
-        template=(sidecar.ar_template if sidecar and sidecar.ar_template else section.get("template", AR_TEMPLATE)),
-        add_special_tokens=bool(section.get("add_special_tokens", True)),
-        padding_side=str(section.get("padding_side", "right")),
-        max_tokens=int(section.get("max_tokens", 256)),
-        read=str(section.get("read", "last")),
-        marker=section.get("marker"),
-        block_offset=int(section.get("block_offset", 1)),
-        mse_scale=(sidecar.mse_scale if sidecar and sidecar.mse_scale is not None else section.get("mse_scale")),
-    )
-    spec.validate(where)
+    spec = ARSpec.from_section(section, sidecar, where)
     peft_model = None
     adapter_name = None
     if kind == "value_head":
         bb = load_backbone(str(folder), device=device, dtype=explicit_dtype, default_dtype=dtype)
         if sidecar is not None and sidecar.extraction_layer_index is not None:
             block = sidecar.extraction_layer_index
-        elif section.get("block") is not None:
-            block = int(section["block"])
+        elif section.block is not None:
+            block = section.block
         else:
             block = bb.num_layers - 1
-        name = head_file or "value_head.safetensors"
+        name = str(head_file)
         tensors = load_state_dict(folder / name)
         if "weight" not in tensors:
             raise CheckpointError(f"{folder / name}: no 'weight' tensor (keys {sorted(tensors)[:5]})")
         heads: dict[int, torch.Tensor] | None = {block + spec.block_offset: tensors["weight"].float()}
     else:
-        base = section.get("base") or {}
-        base_id = base.get("id") or (default_base[0] if default_base else None)
-        base_rev = base.get("revision") if base.get("id") else (default_base[1] if default_base else None)
+        base = section.base
+        base_id = base.id or (default_base[0] if default_base else None)
+        base_rev = base.revision if base.id else (default_base[1] if default_base else None)
         if not base_id:
             raise CheckpointError(f"{where}: a LoRA reconstructor needs base.id")
         adapter_name = None
@@ -330,8 +329,7 @@ def open_reconstructor(
             peft_model = attach_lora(bb, folder)
         heads = None
         if kind == "lora_heads":
-            name = head_file or "value_heads.safetensors"
-            heads = head_layer_keys(load_state_dict(folder / name), spec.block_offset)
+            heads = head_layer_keys(load_state_dict(folder / str(head_file)), spec.block_offset)
     ar = Reconstructor(backbone=bb, spec=spec, heads=heads, peft_model=peft_model, folder=folder,
                        adapter_name=adapter_name if kind != "value_head" else None)
     for ell, w in (heads or {}).items():

@@ -1,6 +1,6 @@
 """Re-encoders: map candidate texts back to activations so they can be scored against ``v``.
 
-Backbone self-re-encode (SRT cards, ``srt.md`` §3.3): the generated token ids themselves, not
+Backbone self-re-encode (SRT cards; the round trip of the SRT eval scripts, ``docs/references.md``): the generated token ids themselves, not
 decoded and re-tokenized, **prefix-free and without BOS**, masked EOS-inclusive
 (:func:`nla_space.rollout.eos_inclusive_mask`), through the truncated forward at the card's layer;
 the vector is read at the last valid position (the first stop token if any, else the last token).

@@ -8,7 +8,7 @@ step's draw is ``torch.multinomial``'s, computed faster on CPU (:mod:`nla_space.
 seed samples the same tokens as ``model.generate(do_sample=True)`` after ``torch.manual_seed``
 with the same logits processors (tested).
 
-Mask convention (``srt.md`` §3.3): a row is valid up to **and including** its first stop token;
+Mask convention (the SRT eval scripts', e.g. ``scripts/centered_eval.py``; ``docs/references.md``): a row is valid up to **and including** its first stop token;
 positions after it hold ``pad_id`` and are masked. A row without a stop token is valid throughout.
 """
 

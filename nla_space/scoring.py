@@ -1,6 +1,6 @@
 """Scores of a re-encoded vector ``h`` against the target activation ``v``.
 
-Conventions (the one place they are defined; ``srt.md`` §3.1):
+Conventions (the one place they are defined; after ``srt/nla/metrics.py`` of https://github.com/space-bacon/SRT):
 
 * ``fve_nrm(h, v) = ½ (1 + cos(h, v))`` in [0, 1], cosine computed in float32 over the last dim.
   This is *not* the "fve" of the reference training logs, which is the raw cosine.

@@ -1,6 +1,7 @@
 """``nla_meta.yaml``: the sidecar that Anthropic's NLA releases and nla-at-home adapters ship.
 
-Schema (``kitft_nla.md`` §2.2, ``nla_at_home.md`` §5.1), every key optional here::
+Schema (Anthropic's ``docs/inference.md``, https://github.com/kitft/natural_language_autoencoders;
+the sidecar nla-at-home's ``scripts/train_universal_av.py`` writes), every key optional here::
 
     kind: nla_model   schema_version: 2   role: av | ar (older: actor | critic)
     d_model, n_layers, extraction_layer_index (K, a block index)

@@ -1,9 +1,10 @@
 """The layer sweep: one text verbalized at each of a card's layers, same K, seed, τ and rollout length.
 
-The activations are read first for every swept layer (the card's ``extract_layers``: one truncated
-forward per layer, each entry equal to a single-layer extraction); then each layer walks the card's
-normal ``verbalize`` with its vector and the text, so an entry of the sweep equals a single-layer
-``verbalize(text=…, layer=ℓ)`` call with the same parameters (same candidates, best text and score).
+The activations are read first for every swept layer, at the request's read position (the card's
+``read_layers``: one truncated forward per layer, each entry equal to a single-layer read); then each
+layer walks the card's normal ``verbalize`` with its vector, the text and the position, so an entry of
+the sweep equals a single-layer ``verbalize(text=…, layer=ℓ, position=p)`` call with the same parameters
+(same candidates, best text and score, same token read).
 Only ``timings.extract_s`` differs: the shared read is timed once, in the log.
 
 Layers: by default the card's, in ascending order (a depth sweep; cards list their default first);
@@ -16,35 +17,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
-
-import torch
+from typing import Any, Sequence
 
 from .errors import NLAInputError
-from .policy import Verbalization
+from .policy import ProgressFn, Verbalization
+from .verbalizers.base import OpenedCard
 
 log = logging.getLogger(__name__)
-
-ProgressFn = Callable[[float, str], None]
-
-
-class SweepCard(Protocol):
-    """What the sweep needs of an opened card (:class:`nla_space.runtime.OpenCard` and
-    :class:`nla_space.verbalizers.injection.OpenInjectionCard` both have it)."""
-
-    @property
-    def layers(self) -> list[int]: ...
-
-    def check_layer(self, layer: int | None) -> int: ...
-
-    def extract_layers(self, text: str, layers: Sequence[int]) -> dict[int, torch.Tensor]: ...
-
-    def depth_pct(self, layer: int) -> int | None: ...
-
-    def verbalize(self, text: str | None = None, vector: Any = None, layer: int | None = None, k: int = 16,
-                  tau: float | None = None, temperature: float = 1.0, max_new_tokens: int | None = None,
-                  greedy: bool = False, seed: int | None = None, progress: ProgressFn | None = None,
-                  strategy: str | None = None) -> Verbalization: ...
 
 
 @dataclass(frozen=True)
@@ -68,7 +47,7 @@ class LayerResult:
         return {**self.verbalization.to_dict(), "depth_pct": self.depth_pct}
 
 
-def sweep_layers(card: SweepCard, layers: Sequence[int] | None = None) -> list[int]:
+def sweep_layers(card: OpenedCard, layers: Sequence[int] | None = None) -> list[int]:
     """The layers a sweep visits: the card's in ascending order, or ``layers`` in the given order
     without duplicates, each checked by the card (a layer it lacks raises :class:`NLAInputError`)."""
     if layers is None:
@@ -80,7 +59,7 @@ def sweep_layers(card: SweepCard, layers: Sequence[int] | None = None) -> list[i
 
 
 def sweep(
-    card: SweepCard,
+    card: OpenedCard,
     text: str,
     layers: Sequence[int] | None = None,
     *,
@@ -92,6 +71,7 @@ def sweep(
     seed: int | None = 0,
     progress: ProgressFn | None = None,
     strategy: str | None = None,
+    position: int | None = None,
 ) -> list[LayerResult]:
     """Verbalize ``text`` at each layer of :func:`sweep_layers` with the same parameters.
 
@@ -103,7 +83,7 @@ def sweep(
     step = progress or (lambda frac, msg: None)
     step(0.0, f"reading the activation at {n} layer(s)")
     t0 = time.perf_counter()
-    vectors = card.extract_layers(text, todo)
+    vectors = card.read_layers(text, todo, position)
     log.info("sweep: read %d layer(s) in %.3f s", n, time.perf_counter() - t0)
     out = []
     for i, ell in enumerate(todo):
@@ -111,7 +91,8 @@ def sweep(
             step((i + frac) / n, f"layer {ell} ({i + 1}/{n}): {msg}")
 
         res = card.verbalize(text=text, vector=vectors[ell], layer=ell, k=k, tau=tau, temperature=temperature,
-                             max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, progress=inner, strategy=strategy)
+                             max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, progress=inner, strategy=strategy,
+                             position=position)
         out.append(LayerResult.of(res, card.depth_pct(ell)))
         log.info("sweep: layer %d score %.3f %s", ell, res.score, "hedged" if res.hedged else "confident")
     step(1.0, "done")

@@ -56,6 +56,6 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded backbone (converted once into the user cache)."""
-    from nla_space.runtime import shared_backbone
+    from nla_space.backbone import shared_backbone
 
     return shared_backbone("embedded:smollm2-135m-instruct")

@@ -65,6 +65,15 @@ def test_score_plot_draws_tau_and_anchors() -> None:
     assert any("τ" in s for s in labels) and any("floor" in s for s in labels) and any("ceiling" in s for s in labels)
     raw = views.score_plot(_fake_result(centered=False), card)  # anchors are centered: not drawn on raw scores
     assert not any("floor" in t.get_text() for t in raw.axes[0].get_legend().get_texts())
+    # the default (calibrated) card: its anchors on the confidence scale
+    default = find_card("embedded")
+    assert default.anchors.random_floor_conf is not None and default.anchors.ceiling_conf is not None
+    res = _fake_result()
+    res["criterion"] = "confidence"
+    for c, conf in zip(res["candidates"], (0.3, 0.9, 0.5)):
+        c["confidence"] = conf
+    labels = [t.get_text() for t in views.score_plot(res, default).axes[0].get_legend().get_texts()]
+    assert any("unrelated text" in s for s in labels) and any("ceiling" in s for s in labels), labels
 
 
 def test_check_request_refuses_bad_input() -> None:
@@ -157,11 +166,25 @@ def client():
         app.demo.close()
 
 
+def test_api_takes_every_option_of_the_cli() -> None:
+    """/verbalize takes every per-request option of `nla-space verbalize`; only the server's own settings
+    (which backbone, device and dtype the app runs) and the CLI's input/output forms are not per request."""
+    import inspect
+
+    from nla_space.cli import build_parser
+    from nla_space.ui.app import api_verbalize
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["verbalize"]
+    cli = {a.dest for a in sub._actions if a.dest != "help"}
+    server_side = {"backbone", "device", "dtype", "vector", "texts", "json"}
+    assert cli - server_side <= set(inspect.signature(api_verbalize).parameters), cli - server_side
+
+
 @pytest.mark.e2e
 def test_api_returns_the_cli_json_contract(client) -> None:
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     params = [p["parameter_name"] for p in named["/verbalize"]["parameters"]]
-    assert params == ["text", "card", "layer", "k", "tau", "temperature", "seed", "strategy", "greedy", "max_new_tokens"]
+    assert params == ["text", "card", "layer", "k", "tau", "temperature", "seed", "strategy", "greedy", "max_new_tokens", "position"]
 
     out = client.predict(TEXT, k=4, seed=0, api_name="/verbalize")
     assert CONTRACT_KEYS <= set(out)  # keys may be added to the contract, never removed
@@ -201,10 +224,11 @@ BAD_INPUTS = [
 
 @pytest.mark.e2e
 def test_bad_inputs_are_refused_and_the_app_keeps_serving(client) -> None:
-    from gradio_client.exceptions import AppError
+    from gradio_client.exceptions import AppError, ValidationError
 
     for params, message in BAD_INPUTS:
-        with pytest.raises(AppError) as info:
+        # a bad parameter is refused on arrival (ValidationError); a card that cannot open, when it runs (AppError)
+        with pytest.raises((AppError, ValidationError)) as info:
             client.predict(api_name="/verbalize", **params)
         assert message in str(info.value), (params, str(info.value))
     out = client.predict("Still serving after all that?", k=2, api_name="/verbalize")
@@ -213,14 +237,15 @@ def test_bad_inputs_are_refused_and_the_app_keeps_serving(client) -> None:
 
 @pytest.mark.e2e
 def test_a_burst_is_served_in_turn_and_one_failure_does_not_spill(client) -> None:
-    from gradio_client.exceptions import AppError
+    from gradio_client.exceptions import ValidationError
 
     jobs = [client.submit("A burst of requests, one of them bad.", k=2, seed=i, api_name="/verbalize") for i in range(2)]
     bad = client.submit("", api_name="/verbalize")
+    with pytest.raises(ValidationError, match="empty"):
+        bad.result(timeout=240)
+    assert not jobs[1].done()  # refused on arrival, while the valid requests are still queued or running
     results = [j.result(timeout=240) for j in jobs]
     assert [r["seed"] for r in results] == [0, 1] and all(len(r["candidates"]) == 2 for r in results)
-    with pytest.raises(AppError):
-        bad.result(timeout=240)
 
 
 @pytest.mark.e2e

@@ -136,7 +136,7 @@ def test_card_shapes_have_the_published_sizes():
     published = {"srt-qwen2.5-7b": 7.61e9, "nla-qwen2.5-7b": 7.61e9, "kitft-qwen2.5-7b": 7.61e9,
                  "srt-llama3.2-3b": 3.21e9, "srt-gemma2-2b": 2.61e9, "nla-phi4": 14.7e9}
     for name, n in published.items():
-        shape = find_card(name).backbone["shape"]
+        shape = find_card(name).backbone.shape
         assert shape["source"].endswith("config.json")
         assert abs(parameter_count(shape) - n) < 0.005 * n, name
 
@@ -148,8 +148,8 @@ def test_bench_random_weights_times_a_card_shape(monkeypatch, capsys):
     shape = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97, "tie_word_embeddings": False,
              "source": "test"}
-    card = Card(id="test/shape-card", backbone={"id": "Org/Tiny", "dtype": "bfloat16", "shape": shape}, layers=[20],
-                av={"num_prefix_tokens": 3})
+    card = Card.from_dict({"id": "test/shape-card", "backbone": {"id": "Org/Tiny", "dtype": "bfloat16", "shape": shape}, "layers": [20],
+                           "av": {"num_prefix_tokens": 3}}, "test")
     monkeypatch.setattr(rb, "find_card", lambda name: card)
     assert tiny.run_harness(["bench", "--card", "x", "--random-weights", "--layers", "2", "--k", "2", "--tokens", "3", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)

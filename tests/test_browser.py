@@ -1,9 +1,12 @@
 """Drive the real app in headless Debian Chromium (``-m browser``): type a text, run it with K=4, see
 the best verbalization and the hedge badge, open the leaderboard and find the three SRT cards,
-open presentation mode. Screenshots go to test-artifacts/ for people to look at."""
+click a token of the heat map and get that position's verbalization, open the leaderboard and find
+the three SRT cards, open presentation mode. Screenshots go to test-artifacts/ for people to look at;
+``NLA_SCREENSHOT=docs/screenshot.png`` also writes the README's screenshot there."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -83,6 +86,19 @@ def test_verbalize_leaderboard_and_present_mode(app_url: str, page, artifacts_di
     expect(page.locator("#timings")).to_contain_text("K=4")
     page.wait_for_timeout(800)  # let the plot finish drawing
     page.screenshot(path=str(artifacts_dir / "app-verbalize.png"), full_page=True)
+
+    # Read another token: a click on the heat map verbalizes the state at that position.
+    tokens = page.locator("#heat .token")
+    expect(tokens.nth(4)).to_be_visible()
+    clicked = tokens.nth(4)
+    clicked.click()
+    notes = page.locator("#notes")
+    expect(notes).to_contain_text("Read at token 4", timeout=120_000)
+    expect(page.locator("#best textarea")).not_to_have_value("", timeout=10_000)
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(artifacts_dir / "app-verbalize-token.png"), full_page=True)
+    if os.environ.get("NLA_SCREENSHOT"):  # the README's screenshot (the top of the page, as a visitor sees it)
+        page.screenshot(path=os.environ["NLA_SCREENSHOT"], full_page=False)
 
     page.get_by_role("tab", name="Leaderboard").click()
     findings = page.locator("#lb-findings")

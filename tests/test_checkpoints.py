@@ -122,7 +122,7 @@ def test_reference_wrapper_with_paths_loads(tmp_path):
 )
 def test_bad_adapter_contents_are_refused(tmp_path, tiny_llama, payload, match):
     torch.save(payload, tmp_path / "best_av.pt")
-    av = build_prefix_av(NLAConfig(extraction_layer=2), tiny_llama)
+    av = build_prefix_av(NLAConfig(backbone_id="tiny", backbone_dtype="float32", extraction_layer=2), tiny_llama)
     before = {k: v.clone() for k, v in av.state_dict().items()}
     with pytest.raises(CheckpointError, match=match):
         load_adapter_weights(av, tmp_path / "best_av.pt")
@@ -137,7 +137,7 @@ def test_cli_refuses_wrong_shape_with_one_line(tmp_path, bb_dir, capsys):
 
 
 def _saved_av(folder: Path, tiny_llama) -> PrefixAV:
-    av = build_prefix_av(NLAConfig(extraction_layer=2, backbone_id="tiny"), tiny_llama)
+    av = build_prefix_av(NLAConfig(backbone_dtype="float32", extraction_layer=2, backbone_id="tiny"), tiny_llama)
     with torch.no_grad():
         for p in av.parameters():
             p.copy_(torch.randn_like(p))
@@ -228,7 +228,7 @@ def test_reference_config_keys_missing_and_unknown(tmp_path):
 
 
 def test_own_format_round_trips(tmp_path, tiny_llama, bb_dir):
-    cfg = NLAConfig(extraction_layer=2, backbone_id="tiny", num_prefix_tokens=3, num_inject_slots=2,
+    cfg = NLAConfig(backbone_dtype="float32", extraction_layer=2, backbone_id="tiny", num_prefix_tokens=3, num_inject_slots=2,
                     prefix_mode="mlp", prefix_mlp_hidden=8, use_layer_embed=True)
     av = build_prefix_av(cfg, tiny_llama)
     with torch.no_grad():

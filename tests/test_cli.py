@@ -28,7 +28,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     bb = tiny.save_backbone(root / "bb", "llama")
     backbone = tiny.make_backbone("llama")
-    av = build_prefix_av(NLAConfig(backbone_id=str(bb), extraction_layer=2, num_prefix_tokens=2), backbone)
+    av = build_prefix_av(NLAConfig(backbone_dtype="float32", backbone_id=str(bb), extraction_layer=2, num_prefix_tokens=2), backbone)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in av.parameters():

@@ -1,4 +1,4 @@
-"""The compass policy (nla-at-home §3.2–3.4) on toy data, against plain numpy references."""
+"""The compass policy (nla-at-home's ``scripts/describe_live.py``) on toy data, against plain numpy references."""
 
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def test_prefix_card_reports_the_compass_rerank_beside_the_oracle_pick(tmp_path)
     (card_dir / "compass.safetensors").unlink()
     broken = open_card(card_from_folder(card_dir))
     out = broken.verbalize(text="hello world", k=2, seed=3, max_new_tokens=4).to_dict()
-    assert out["compass"] is None and any("compass rerank unavailable" in n for n in out["notes"])
+    assert out["compass"] is None and any("compass rerank unavailable" in n["text"] for n in out["notes"])
 
 
 def test_views_show_both_reranks():

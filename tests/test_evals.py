@@ -17,9 +17,9 @@ N_ROWS = 40
 
 def make_target_set(folder: Path, backbone_dir: Path, seed: int = 0) -> Path:
     """A target set from random word sentences; test rows interleaved with the other splits."""
-    from eval_harness.dataset import write_target_set
+    from eval_harness.data.dataset import write_target_set
     from nla_space.activations import extract
-    from nla_space.runtime import shared_backbone
+    from nla_space.backbone import shared_backbone
 
     bb = shared_backbone(str(backbone_dir))
     rng = random.Random(seed)
@@ -35,7 +35,7 @@ def make_target_set(folder: Path, backbone_dir: Path, seed: int = 0) -> Path:
 
 def make_card_folder(folder: Path, backbone_dir: Path) -> Path:
     """A release-like card folder: config.json + av.safetensors (+ mu.safetensors) for the tiny backbone."""
-    from nla_space.runtime import shared_backbone
+    from nla_space.backbone import shared_backbone
     from nla_space.verbalizers import NLAConfig, build_prefix_av
 
     bb = shared_backbone(str(backbone_dir))
@@ -93,8 +93,8 @@ def test_centered_eval_runs_and_orders(eval_env, tmp_path):
 
 
 def test_targets_come_from_test_split_only(eval_env, tmp_path):
-    from eval_harness.dataset import load_target_set
-    from eval_harness.evals import eval_targets, pool_rows
+    from eval_harness.data.dataset import load_target_set
+    from eval_harness.evals.common import eval_targets, pool_rows
 
     ts = load_target_set(eval_env["targets"])
     rows = eval_targets(ts, 100)
@@ -109,7 +109,7 @@ def test_targets_come_from_test_split_only(eval_env, tmp_path):
 
 
 def test_resume_matches_uninterrupted(eval_env, tmp_path, monkeypatch):
-    from eval_harness import evals
+    from eval_harness.evals import common as evals
 
     full = tmp_path / "full.json"
     assert _run(_centered(eval_env, full)) == 0
@@ -138,7 +138,7 @@ def test_resume_matches_uninterrupted(eval_env, tmp_path, monkeypatch):
 
 
 def test_resume_refuses_other_settings(eval_env, tmp_path, monkeypatch):
-    from eval_harness import evals
+    from eval_harness.evals import common as evals
 
     out = tmp_path / "r.json"
 
@@ -188,7 +188,7 @@ def test_rerank_eval(eval_env, tmp_path):
 
 def test_logprob_matches_manual_teacher_forcing(eval_env):
     """sequence_logprob equals the product of per-step probabilities of a plain forward."""
-    from eval_harness.evals import sequence_logprob
+    from eval_harness.evals.common import sequence_logprob
     from nla_space.rollout import eos_inclusive_mask
     from nla_space.runtime import open_card
 
@@ -226,7 +226,7 @@ def test_oracle_ceiling(eval_env, tmp_path):
 
 
 def test_pool_baselines_by_hand():
-    from eval_harness.evals import Pool, nearest_in_pool, random_floor
+    from eval_harness.evals.common import Pool, nearest_in_pool, random_floor
     from nla_space.scoring import fve_nrm, fve_nrm_centered
 
     g = torch.Generator().manual_seed(0)
@@ -246,8 +246,8 @@ def test_pool_baselines_by_hand():
 
 
 def test_nn_anchor_baseline_is_really_centered(eval_env, tmp_path):
-    from eval_harness.dataset import load_target_set
-    from eval_harness.evals import make_pool, nearest_in_pool
+    from eval_harness.data.dataset import load_target_set
+    from eval_harness.evals.common import make_pool, nearest_in_pool
     from nla_space.scoring import fve_nrm, fve_nrm_centered
 
     out = tmp_path / "rr.json"
@@ -265,7 +265,7 @@ def test_nn_anchor_baseline_is_really_centered(eval_env, tmp_path):
 def test_resume_refuses_swapped_weights(eval_env, tmp_path, monkeypatch):
     import shutil
 
-    from eval_harness import evals
+    from eval_harness.evals import common as evals
 
     card = tmp_path / "card"
     shutil.copytree(eval_env["card"], card)

@@ -146,7 +146,7 @@ def ref_eval(work, bb, ref_targets, ref_train) -> Path:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["KILL", "TERM"])
 def test_targets_killed_then_resumed_equals_uninterrupted(tmp_path, bb, ref_targets, sig):
     from eval_harness.cli import main
-    from eval_harness.dataset import load_target_set
+    from eval_harness.data.dataset import load_target_set
 
     out = tmp_path / "t"
     rc = _interrupt(_targets_args(bb, out), lambda: _lines(out / "shards" / "00002.jsonl") > 0, sig, tmp_path / "a.log")
@@ -228,8 +228,8 @@ class _Killed(BaseException):
 def test_train_killed_while_saving_a_checkpoint_resumes_exactly(tmp_path, ref_targets, monkeypatch, instant):
     """SIGKILL can land between any two writes of a checkpoint; the checkpoint read back must be one
     step's adapter, optimizer and state together, and resume must give the uninterrupted result."""
-    import eval_harness.train as tr
-    from eval_harness.dataset import load_target_set
+    import eval_harness.train.prefix as tr
+    from eval_harness.data.dataset import load_target_set
     from nla_space.backbone import load_backbone
 
     ts = load_target_set(ref_targets)
@@ -283,7 +283,7 @@ def test_train_killed_while_saving_a_checkpoint_resumes_exactly(tmp_path, ref_ta
 
 def _best_is_consistent(run: Path, bb, ts, cfg: dict) -> None:
     """The weights in ``run/best`` reproduce the metric its ``best.json`` records (same step)."""
-    import eval_harness.train as tr
+    import eval_harness.train.prefix as tr
     from nla_space.hub import load_state_dict
     from nla_space.runtime import open_card
 
@@ -300,8 +300,8 @@ def _best_is_consistent(run: Path, bb, ts, cfg: dict) -> None:
 def test_train_killed_while_saving_best_leaves_a_consistent_best(tmp_path, ref_targets, monkeypatch, instant):
     """``best/`` (weights + mu + best.json) is replaced as one unit: after a kill a reader finds the
     previous best whole, or no ``best/`` at all — never new weights beside an old ``best.json``."""
-    import eval_harness.train as tr
-    from eval_harness.dataset import load_target_set
+    import eval_harness.train.prefix as tr
+    from eval_harness.data.dataset import load_target_set
     from nla_space.backbone import load_backbone
 
     ts = load_target_set(ref_targets)
@@ -381,7 +381,7 @@ def _forbid_work(monkeypatch) -> None:
     """Make any model loading fail the test: the pre-flight check must come first."""
     import eval_harness.cmd_targets as ct
     import eval_harness.cmd_train as ctr
-    import eval_harness.evals as ev
+    import eval_harness.evals.common as ev
 
     def boom(*a, **kw):
         raise AssertionError("work started before the output location was checked")
@@ -494,7 +494,7 @@ def test_disk_filling_up_mid_run_gives_one_line_and_resumes(tmp_path, bb, ref_ta
     those of an uninterrupted run (shard ``i`` depends only on the seed and ``i``)."""
     import torch
 
-    from eval_harness.dataset import load_target_set
+    from eval_harness.data.dataset import load_target_set
 
     disk = tmpfs("size=1100k")
     out = disk / "t"

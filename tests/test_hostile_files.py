@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import tiny
+from nla_space.cards.sections import InjectionSection
 from nla_space.errors import CheckpointError, NLAInputError
 from nla_space.hub import load_state_dict
 from nla_space.io import save_tensors
@@ -176,18 +177,20 @@ def test_config_that_is_huge_is_refused_or_read_without_blowing_up(tmp_path, bb_
 
 
 # ------------------------------------------------------------------------------------------------
-# card.json: unknown keys are ignored, wrong types refused (test_checkpoints covers layers/default_tau)
+# card.json: unknown keys are refused naming the file and the key, wrong types refused (test_checkpoints
+# covers layers/default_tau)
 
 
-def test_card_json_unknown_keys_are_ignored_and_av_location_cannot_be_redirected(tmp_path, bb_dir):
+def test_card_json_unknown_keys_are_refused_and_av_location_cannot_be_redirected(tmp_path, bb_dir):
     card = _card(tmp_path / "card", bb_dir)
-    (card / "card.json").write_text(json.dumps({
-        "title": "mine", "layers": [2], "exec": "__import__('os').system('touch PWNED')",
-        "future_field": {"a": 1}, "av": {"repo": "evil/elsewhere", "folder": "/"},
-    }))
+    (card / "card.json").write_text(json.dumps({"title": "mine", "layers": [2], "exec": "__import__('os').system('touch PWNED')",
+                                                "future_field": {"a": 1}}))
+    with pytest.raises(CheckpointError, match=r"card\.json: unknown key 'exec'"):
+        open_card(str(card), backbone=str(bb_dir))
+    (card / "card.json").write_text(json.dumps({"title": "mine", "layers": [2], "av": {"repo": "evil/elsewhere", "folder": "/"}}))
     oc = open_card(str(card), backbone=str(bb_dir))
-    assert oc.card.title == "mine" and not hasattr(oc.card, "exec") and not hasattr(oc.card, "future_field")
-    assert Path(oc.card.av["folder"]) == card.resolve() and "repo" not in oc.card.av
+    assert oc.card.title == "mine"
+    assert Path(oc.card.av.folder) == card.resolve() and oc.card.av.repo is None
     assert not (Path.cwd() / "PWNED").exists()
 
 
@@ -219,7 +222,7 @@ def test_card_json_with_wrong_types_is_refused(tmp_path, bb_dir, extra, match):
 
 @pytest.fixture(scope="module")
 def targets_dir(tmp_path_factory, bb_dir) -> Path:
-    from eval_harness.targets import HealthThresholds, TargetsSpec, build_targets
+    from eval_harness.data.targets import HealthThresholds, TargetsSpec, build_targets
     from nla_space.backbone import load_backbone
 
     out = tmp_path_factory.mktemp("targets") / "t"
@@ -301,7 +304,7 @@ TARGET_DAMAGE = [
 @pytest.mark.parametrize("name,damage,match", TARGET_DAMAGE,
                          ids=[f"{n}-{getattr(d, '__name__', 'lambda')}-{i}" for i, (n, d, _) in enumerate(TARGET_DAMAGE)])
 def test_damaged_targets_folder_is_refused(tmp_path, targets_dir, name, damage, match):
-    from eval_harness.dataset import load_target_set
+    from eval_harness.data.dataset import load_target_set
 
     folder = _copy(targets_dir, tmp_path / "t")
     load_target_set(folder)  # the undamaged copy loads
@@ -327,6 +330,7 @@ def test_damaged_targets_folder_gives_one_error_line_on_the_command_line(tmp_pat
 
 
 PHI4 = json.loads((ROOT / "nla_space" / "cards" / "nla_phi4_universal_av_v2.json").read_text(encoding="utf-8"))
+PHI4_INJECTION = InjectionSection.from_dict(PHI4["injection"], "phi4")
 
 
 def _sidecar(tmp_path: Path, text: str):
@@ -339,8 +343,8 @@ def _sidecar(tmp_path: Path, text: str):
 def test_sidecar_unknown_keys_are_ignored(tmp_path):
     from nla_space.verbalizers import injection as inj
 
-    plain = inj.resolve_spec(PHI4["injection"], _sidecar(tmp_path, "kind: nla_model\nextraction: {injection_scale: 150}\n"), "t")
-    noisy = inj.resolve_spec(PHI4["injection"], _sidecar(tmp_path, (
+    plain = inj.resolve_spec(PHI4_INJECTION, _sidecar(tmp_path, "kind: nla_model\nextraction: {injection_scale: 150}\n"), "t")
+    noisy = inj.resolve_spec(PHI4_INJECTION, _sidecar(tmp_path, (
         "kind: nla_model\nextraction: {injection_scale: 150, future: 3}\nsurprise: {deep: [1, 2, 3]}\n"
         "tokens: {something_new: 5}\n")), "t")
     assert (plain.scale, plain.rule, plain.template, plain.marker) == (noisy.scale, noisy.rule, noisy.template, noisy.marker)
@@ -355,7 +359,7 @@ def test_sidecar_absurd_injection_scale_is_refused(tmp_path, scale):
 
     with pytest.raises(CheckpointError, match="scale"):
         sc = _sidecar(tmp_path, f"extraction: {{injection_scale: {scale}}}\n")
-        inj.resolve_spec(PHI4["injection"], sc, "t")
+        inj.resolve_spec(PHI4_INJECTION, sc, "t")
 
 
 @pytest.mark.parametrize(

@@ -152,7 +152,7 @@ def test_shipped_card_file_opens_from_cache(hub_cache, tmp_path):
     W, P = write_release(tmp_path / "av", d=32, layer=20)
     cfg = json.loads((tmp_path / "av" / "config.json").read_text())
     assert cfg["backbone_id"] == card.backbone_id and cfg["extraction_layer"] == card.default_layer == 20
-    add_to_cache(hub_cache, card.av["repo"], tmp_path / "av")
+    add_to_cache(hub_cache, card.av.repo, tmp_path / "av")
     oc = open_card("srt-llama3.2-3b")
     assert oc.trained and oc.mu is None and oc.backbone.num_layers == 22
     torch.testing.assert_close(oc.av.proj.weight, W)

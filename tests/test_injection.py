@@ -17,6 +17,7 @@ import yaml
 
 import tiny
 from nla_space.cards import Card, find_card
+from nla_space.cards.sections import InjectionSection, ReconstructorSection
 from nla_space.errors import CheckpointError, NLAInputError
 from nla_space.io import save_tensors
 from nla_space.rollout import Rollout
@@ -35,7 +36,7 @@ LORA_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "qw
 
 
 def test_depth_snapping_matches_the_phi4_table():
-    """nla_at_home.md §1.5: Phi-4 (n=40) block → pct under nearest_depth_pct, ties to the earlier value."""
+    """nla-at-home's nearest_depth_pct table: Phi-4 (n=40) block → pct under nearest_depth_pct, ties to the earlier value."""
     grid = PHI4["injection"]["depth"]["grid"]
     table = {range(0, 3): 4, range(3, 6): 10, range(6, 9): 17, range(9, 12): 25, range(12, 15): 32, range(15, 18): 40,
              range(18, 21): 47, range(21, 24): 55, range(24, 27): 63, range(27, 31): 71, range(31, 35): 80,
@@ -79,15 +80,15 @@ def test_resolve_spec_sidecar_wins_and_records_sources():
     from nla_space.sidecar import Sidecar
 
     sec = PHI4["injection"]
-    spec = inj.resolve_spec(sec, None, "t")
+    spec = inj.resolve_spec(InjectionSection.from_dict(sec, "t"), None, "t")
     assert (spec.rule, spec.scale, spec.marker, spec.sources["rule"]) == ("normalize", 150.0, "★", "card")
     sc = Sidecar.from_dict({"training": {"injection_mode": "multiply", "chat_template": False}, "extraction": {"injection_scale": 2.0}})
-    spec = inj.resolve_spec(sec, sc, "t")
+    spec = inj.resolve_spec(InjectionSection.from_dict(sec, "t"), sc, "t")
     assert (spec.rule, spec.scale, spec.chat_template) == ("multiply", 2.0, False)
     assert spec.sources["rule"] == spec.sources["scale"] == "sidecar"
     # A sidecar's depth-free template turns the card's depth rule off.
     sc = Sidecar.from_dict({"prompt_templates": {"av": KITFT["injection"]["template"]}})
-    assert inj.resolve_spec(sec, sc, "t").depth_formula == "none"
+    assert inj.resolve_spec(InjectionSection.from_dict(sec, "t"), sc, "t").depth_formula == "none"
     with pytest.raises(CheckpointError, match="injection_mode"):
         Sidecar.from_dict({"training": {"injection_mode": "scale"}})
 
@@ -96,11 +97,11 @@ def test_builtin_injection_cards_are_complete():
     for name in ("anicka/nla-phi4-universal-av-v2", "anicka/nla-qwen2.5-7b-L20-av-v2", "kitft/nla-qwen2.5-7b-L20-av",
                  "kitft/nla-gemma3-12b-L32-av", "kitft/nla-gemma3-27b-L41-av", "kitft/Llama-3.3-70B-NLA-L53-av"):
         card = find_card(name)
-        assert card.kind == "injection" and card.reconstructor["kind"]
+        assert card.kind == "injection" and card.reconstructor.kind
         spec = inj.resolve_spec(card.injection, None, name)  # validates template placeholders etc.
         assert spec.rule == "normalize" and spec.scale > 0 and spec.close_tag == "</explanation>"
     # the depth prompt of the universal template, byte-exact around the placeholders
-    spec = inj.resolve_spec(PHI4["injection"], None, "t")
+    spec = inj.resolve_spec(InjectionSection.from_dict(PHI4["injection"], "t"), None, "t")
     text = spec.render(47)
     assert "Here is the vector from depth 47% of the network:\n\n<concept>★</concept>\n\nPlease provide an explanation.\n\n<explanation>" in text
     assert text.endswith("<explanation>")
@@ -248,7 +249,7 @@ def test_greedy_generation_matches_hf_generate_with_the_adapter(setup, opened):
 def test_verbalize_scores_candidates_with_the_reconstructor(setup, opened):
     res = opened.verbalize(text=TEXT, layer=3, k=4, seed=0, max_new_tokens=10, temperature=1.0)
     assert res.k == 4 and len(res.candidates) == 4 and res.card == "test/" + setup.arch + "-injection"
-    assert not res.centered and any("depth 47%" in n for n in res.notes)
+    assert not res.centered and any("depth 47%" in n.text for n in res.notes)
     v = setup.ref_activation(TEXT, 3)
     texts = [c.text for c in res.candidates]
     ref = fve_nrm(setup.ref_ar(texts, 3), v[None])
@@ -264,7 +265,7 @@ def test_verbalize_scores_candidates_with_the_reconstructor(setup, opened):
         assert c.text == setup.tok.decode(c.token_ids, skip_special_tokens=True).strip()
     # a vector input skips extraction; a bad vector is refused
     res2 = opened.verbalize(vector=v.numpy(), layer=2, greedy=True, max_new_tokens=5)
-    assert res2.k == 1 and any("depth 25%" in n for n in res2.notes)
+    assert res2.k == 1 and any("depth 25%" in n.text for n in res2.notes)
     with pytest.raises(NLAInputError, match="values"):
         opened.verbalize(vector=[1.0, 2.0])
     with pytest.raises(NLAInputError, match="layer"):
@@ -291,7 +292,7 @@ def test_multiply_rule_from_the_sidecar(setup, tmp_path):
         (av / f.name).write_bytes(f.read_bytes())
     _write_sidecar(av, setup.sidecar(injection_mode="multiply"))
     card = setup.card()
-    card.av["folder"] = str(av)
+    card.av.folder = str(av)
     opened = open_card(card, device="cpu")
     assert opened.av.spec.rule == "multiply" and opened.av.spec.sources["rule"] == "sidecar"
     v = torch.randn(32)
@@ -310,7 +311,7 @@ def test_wrong_neighbours_or_marker_id_are_refused(setup):
     card = setup.card()
     sc = setup.sidecar()
     sc["tokens"]["injection_token_id"] = setup.marker_id + 1
-    folder = Path(card.av["folder"])
+    folder = Path(card.av.folder)
     backup = (folder / "nla_meta.yaml").read_text(encoding="utf-8")
     try:
         _write_sidecar(folder, sc)
@@ -345,13 +346,13 @@ def hub_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     cache.mkdir()
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    from nla_space import runtime
+    from nla_space import backbone
 
-    before = dict(runtime._BACKBONES)
+    before = dict(backbone._BACKBONES)
     yield cache
-    with runtime._BACKBONES_LOCK:  # the shared base models named like real hub ids are tiny here: forget them
-        runtime._BACKBONES.clear()
-        runtime._BACKBONES.update(before)
+    with backbone._BACKBONES_LOCK:  # the shared base models named like real hub ids are tiny here: forget them
+        backbone._BACKBONES.clear()
+        backbone._BACKBONES.update(before)
 
 
 def test_builtin_phi4_card_opens_from_the_hub_cache(hub_cache, tmp_path):
@@ -374,7 +375,7 @@ def test_builtin_phi4_card_opens_from_the_hub_cache(hub_cache, tmp_path):
     assert opened.av.depth_pct(26) == 63  # block 25 of 40 → 62.5 → 63
     res = opened.verbalize(text=TEXT, k=2, seed=1, max_new_tokens=6)
     assert res.layer == 26 and len(res.candidates) == 2
-    assert any("depth 63%" in n for n in res.notes)
+    assert any("depth 63%" in n.text for n in res.notes)
 
 
 def test_builtin_kitft_card_opens_from_the_hub_cache(hub_cache, tmp_path):
@@ -385,7 +386,7 @@ def test_builtin_kitft_card_opens_from_the_hub_cache(hub_cache, tmp_path):
     av_model, _ = tiny.make_marker_model("qwen2", layers=28, hidden=32, seed=22)  # "fine-tuned" weights
     _cache_repo(hub_cache, "Qwen/Qwen2.5-7B-Instruct", _save_model(base, tok, tmp_path / "b"), "d" * 40)
     # the neighbours as the release computed them: from the canonical chat-wrapped prompt
-    spec = inj.resolve_spec(KITFT["injection"], None, "t")
+    spec = inj.resolve_spec(InjectionSection.from_dict(KITFT["injection"], "t"), None, "t")
     ids = tok(inj.chat_wrap(tok, spec.render(None)), add_special_tokens=False)["input_ids"]
     mid = tok("㈎", add_special_tokens=False)["input_ids"][0]
     p = ids.index(mid)
@@ -419,9 +420,9 @@ def test_builtin_kitft_card_opens_from_the_hub_cache(hub_cache, tmp_path):
         ref = base(input_ids=torch.tensor([tok(TEXT)["input_ids"]]), output_hidden_states=True).hidden_states[21][0, -1]
     torch.testing.assert_close(v, ref.float(), rtol=1e-5, atol=1e-5)
     short = opened.verbalize(text=TEXT, greedy=True, max_new_tokens=3)
-    assert any("out of distribution" in n for n in short.notes)  # Anthropic trained on positions ≥ 50
+    assert any("out of distribution" in n.text for n in short.notes)  # Anthropic trained on positions ≥ 50
     res = opened.verbalize(vector=v.numpy(), k=2, seed=0, max_new_tokens=6)
-    assert not any("out of distribution" in n for n in res.notes)
+    assert not any("out of distribution" in n.text for n in res.notes)
     # identity value head: the score is fve_nrm(hidden_states[21] of the AR prompt, v)
     h = torch.stack([_ref_last(base, tok, f"Summary of the following text: <text>{c.text}</text> <summary>", 21) for c in res.candidates])
     torch.testing.assert_close(torch.tensor([c.score_raw for c in res.candidates]), fve_nrm(h, v[None]), rtol=1e-4, atol=1e-5)
@@ -443,7 +444,7 @@ def test_compass_scored_card_uses_the_same_policy(setup, opened, tmp_path):
     comp = cp.Compass.fit(acts, emb(texts).double())
     comp.save(tmp_path / "compass.safetensors")
     card = setup.card()
-    card.reconstructor = {"kind": "compass", "folder": str(tmp_path), "file": "compass.safetensors"}
+    card.reconstructor = ReconstructorSection(kind="compass", folder=str(tmp_path), file="compass.safetensors")
     oc = open_card(card, device="cpu")
     res = oc.verbalize(text=TEXT, layer=3, k=3, seed=0, max_new_tokens=8)
     v = setup.ref_activation(TEXT, 3).double()

@@ -52,6 +52,7 @@ INVALID = [
 ]
 K = 2
 MAX_NEW_TOKENS = 16
+HEAD_K = 16  # the slow valid request that keeps the worker busy while invalid ones arrive
 CONCURRENCY = 1
 QUEUE_SIZE = 32
 
@@ -203,7 +204,7 @@ def _check(o: Outcome, reference: dict[tuple[str, int], dict[str, Any]]) -> None
     if o.kind == "invalid":
         if o.result is not None:
             o.problems.append("an invalid request was answered")
-        elif not (o.error or "").startswith("AppError") or o.expected not in o.error:
+        elif not (o.error or "").startswith("ValidationError") or o.expected not in o.error:
             o.problems.append(f"not refused with its reason: {o.error}")
         return
     r = o.result
@@ -241,29 +242,59 @@ def _machine() -> dict[str, Any]:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
-def overflow(client: Any, n: int, timeout: float, workers: int = 1) -> dict[str, Any]:
-    """One valid request per worker occupies the workers; then ``n`` invalid ones arrive at once.
-    Those beyond the queue's size must be refused as "queue full", the rest answered; none lost."""
-    heads = [client.submit(api_name="/verbalize", text=TEXTS[0], k=K, seed=i) for i in range(workers)]
-    jobs = [client.submit(api_name="/verbalize", text="") for _ in range(n)]
-    counts = {"refused_empty": 0, "refused_queue_full": 0, "other": 0}
-    others = []
-    for j in jobs:
+def _refusal_kind(exc: Exception) -> str:
+    msg = str(exc)
+    if "queue" in msg.lower() and "full" in msg.lower():
+        return "queue_full"
+    return "refused" if type(exc).__name__ == "ValidationError" else "other"
+
+
+def invalid_while_busy(client: Any, n: int, timeout: float, workers: int = 1) -> dict[str, Any]:
+    """Slow valid requests occupy the workers; then ``n`` invalid ones arrive at once. Each must be
+    refused with its reason on arrival (a validation error, not a queue slot): every refusal comes
+    back before the valid requests finish."""
+    t0 = time.monotonic()
+    heads = [client.submit(api_name="/verbalize", text=TEXTS[0], k=HEAD_K, seed=i) for i in range(workers)]
+    time.sleep(0.5)  # the heads are running
+    jobs = [(client.submit(api_name="/verbalize", **dict(INVALID[i % len(INVALID)][0])), time.monotonic()) for i in range(n)]
+    counts = {"refused": 0, "queue_full": 0, "other": 0}
+    latencies, others = [], []
+    for j, sent_at in jobs:
         try:
             j.result(timeout=timeout)
             counts["other"] += 1
             others.append("answered")
         except Exception as exc:  # noqa: BLE001
-            msg = str(exc)
-            if "empty" in msg:
-                counts["refused_empty"] += 1
-            elif "queue" in msg.lower() and "full" in msg.lower():
-                counts["refused_queue_full"] += 1
-            else:
-                counts["other"] += 1
-                others.append(f"{type(exc).__name__}: {msg[:200]}")
+            counts[_refusal_kind(exc)] += 1
+            latencies.append(time.monotonic() - sent_at)
+            if _refusal_kind(exc) == "other":
+                others.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+    refused_by = time.monotonic() - t0
     head_ok = all(CONTRACT_KEYS <= set(h.result(timeout=timeout)) for h in heads)
-    return {"submitted": n + workers, "workers_busy": workers, **counts, "head_answered": head_ok, "other_examples": others[:5]}
+    heads_done = time.monotonic() - t0
+    return {"submitted_invalid": n, "workers_busy": workers, **counts, "all_refused_at_s": round(refused_by, 3),
+            "heads_done_at_s": round(heads_done, 3), "invalid_latency": _stats(latencies), "head_answered": head_ok,
+            "other_examples": others[:5]}
+
+
+def overflow(client: Any, n: int, timeout: float) -> dict[str, Any]:
+    """A slow valid request occupies the worker; then ``n`` cheap valid ones (greedy, one token) arrive at
+    once: those beyond the queue's size are refused as "queue full", the rest answered; none lost."""
+    head = client.submit(api_name="/verbalize", text=TEXTS[1], k=HEAD_K, seed=0)
+    time.sleep(0.5)
+    jobs = [client.submit(api_name="/verbalize", text=TEXTS[i % len(TEXTS)], greedy=True, max_new_tokens=1, seed=i)
+            for i in range(n)]
+    counts = {"answered": 0, "queue_full": 0, "refused": 0, "other": 0}
+    others = []
+    for j in jobs:
+        try:
+            counts["answered" if CONTRACT_KEYS <= set(j.result(timeout=timeout)) else "other"] += 1
+        except Exception as exc:  # noqa: BLE001
+            counts[_refusal_kind(exc)] += 1
+            if _refusal_kind(exc) != "queue_full":
+                others.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+    head_ok = CONTRACT_KEYS <= set(head.result(timeout=timeout))
+    return {"submitted": n, **counts, "head_answered": head_ok, "other_examples": others[:5]}
 
 
 def run_burst(n_clients: int, artifacts: Path, variant: str, concurrency: int = CONCURRENCY,
@@ -309,7 +340,8 @@ def run_burst(n_clients: int, artifacts: Path, variant: str, concurrency: int = 
         for o in outcomes:
             _check(o, reference)
 
-        over = overflow(solo, overflow_n, timeout, concurrency) if overflow_n else None
+        busy = invalid_while_busy(solo, len(INVALID) * 2, timeout, concurrency)
+        over = overflow(solo, overflow_n, timeout) if overflow_n else None
         # Still serving afterwards: the page config and a fresh request.
         with urllib.request.urlopen(server.url + "config", timeout=30) as r:
             page_ok = r.status == 200
@@ -346,6 +378,7 @@ def run_burst(n_clients: int, artifacts: Path, variant: str, concurrency: int = 
                    "after_3_solo_requests": round(rss_warm, 1) if rss_warm else None, "peak_vmhwm": peak,
                    "end": round(rss_end, 1) if rss_end else None,
                    "samples_every_0.25s": server.samples[:: max(1, len(server.samples) // 200)]},
+        "invalid_while_busy": busy,
         "queue_overflow": over,
         "still_serving_after": bool(page_ok and after_ok),
         "problem_examples": [{"client": o.client, "kind": o.kind, "params": {k: (v[:40] if isinstance(v, str) else v) for k, v in o.params.items()},
@@ -372,11 +405,15 @@ def _assert_report(rep: dict[str, Any]) -> None:
     assert req["problems"] == 0, rep["problem_examples"]
     assert rep["still_serving_after"], rep
     assert rep["latency_valid"]["n"] == req["valid"] and rep["latency_invalid"]["n"] == req["invalid"]
+    busy = rep["invalid_while_busy"]
+    # invalid requests are refused on arrival, with their reason, never queued behind valid ones
+    assert busy["refused"] == busy["submitted_invalid"] and busy["head_answered"], busy
+    assert busy["all_refused_at_s"] < busy["heads_done_at_s"], busy
     over = rep["queue_overflow"]
     if over:
-        assert over["other"] == 0 and over["head_answered"], over
-        assert over["refused_empty"] + over["refused_queue_full"] == over["submitted"] - over["workers_busy"], over
-        assert over["refused_queue_full"] >= 1, over  # the bound is enforced, with its own message
+        assert over["other"] == 0 and over["refused"] == 0 and over["head_answered"], over
+        assert over["answered"] + over["queue_full"] == over["submitted"], over
+        assert over["queue_full"] >= 1, over  # the bound is enforced, with its own message
 
 
 @pytest.mark.e2e

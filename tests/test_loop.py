@@ -1,4 +1,4 @@
-"""The trainers' shared step loop (:mod:`eval_harness.loop`): batch order, log/checkpoint order, stops, resume."""
+"""The trainers' shared step loop (:mod:`eval_harness.train.loop`): batch order, log/checkpoint order, stops, resume."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from eval_harness.loop import (LoopSettings, SupervisedStep, epoch_batch, epoch_schedule, run_steps, start_clock, trim_log)
+from eval_harness.train.loop import (LoopSettings, SupervisedStep, epoch_batch, epoch_schedule, run_steps, start_clock, trim_log)
 
 
 def test_epoch_batch_covers_each_row_once_per_epoch_and_is_reproducible():

@@ -97,7 +97,7 @@ def test_guided_candidates_are_scored_as_the_search_scored_them(patch_card) -> N
     gen = torch.Generator().manual_seed(0)
     stepper = PatchStepper(oc, v, 8)
     try:
-        cands = smc(stepper, stepper, oc.potential(v), GuidedSettings(n=4, max_new_tokens=8), gen, bb.stop_ids, bb.pad_id,
+        cands = smc(stepper, stepper, oc.potential(v, layer), GuidedSettings(n=4, max_new_tokens=8), gen, bb.stop_ids, bb.pad_id,
                     word_starts(bb.tokenizer))
     finally:
         stepper.close()
@@ -148,13 +148,37 @@ def test_specificity_and_calibration() -> None:
     y = (torch.rand(200, generator=g) < torch.sigmoid(1.5 * zz - 3)).float()
     cal = fit_calibration(zz, y, 0.8, {"test": True})
     assert cal.a > 0 and cal.precision >= 0.8 and 0 < cal.coverage < 1
-    conf = cal.confidence(zz)
+    conf = cal.confidence_of(zz)
     assert float(y[conf >= cal.tau].mean()) >= 0.8
     assert "confident" in cal.meaning()
     with pytest.raises(CheckpointError, match="unknown"):
         Calibration.from_dict({**cal.__dict__, "extra": 1}, "card")
+    with pytest.raises(CheckpointError, match="feature"):
+        Calibration.from_dict({**cal.__dict__, "feature": "vibes"}, "card")
+    old = {k: v for k, v in cal.__dict__.items() if k != "feature"}  # a card written before features existed
+    assert Calibration.from_dict(old, "card").feature == "z"
+    # the same fit whatever the feature's scale (fitted standardised)
+    small = fit_calibration(zz * 0.01, y, 0.8, {}, feature="margin40")
+    assert small.feature == "margin40" and abs(small.a - 100 * cal.a) < 1e-2 * abs(100 * cal.a) and abs(small.b - cal.b) < 1e-3
     with pytest.raises(CheckpointError):
         Specificity.from_pool(torch.randn(3, 16), mu)
+
+
+def test_margin40_feature_and_confidence_of_rows() -> None:
+    """margin40 = c_v − the pool's 97.5 % quantile of cosines; a near copy of v beats it, a stranger does not;
+    Specificity.confidence applies the calibration's own feature."""
+    g = torch.Generator().manual_seed(1)
+    pool = torch.randn(200, 16, generator=g)
+    spec = Specificity.from_pool(pool, pool.mean(0))
+    v = torch.randn(16, generator=g)
+    h = torch.stack([v + 0.05 * torch.randn(16, generator=g), torch.randn(16, generator=g)])
+    m = spec.feature("margin40", h, v)
+    assert m[0] > 0 > m[1]
+    c_v, c_p = spec.cosines(h, v)
+    assert torch.allclose(m, c_v - c_p.quantile(0.975, dim=-1))
+    assert spec.confidence(h, v) is None
+    spec.calibration = Calibration(a=10.0, b=0.0, tau=0.5, precision=1.0, coverage=0.5, n_val=2, settings={}, feature="margin40")
+    assert torch.allclose(spec.confidence(h, v), torch.sigmoid(10 * m))
 
 
 def test_calibrated_card_hedges_by_confidence(tmp_path) -> None:

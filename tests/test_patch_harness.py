@@ -11,8 +11,8 @@ import torch
 
 import tiny
 from eval_harness.cli import main
-from eval_harness.reading_eval import ReadingEval, load_texts
-from eval_harness.text_corpus import code_window, prose_window, read_corpus, split_of
+from eval_harness.evals.reading_eval import ReadingEval, load_texts
+from eval_harness.data.text_corpus import code_window, prose_window, read_corpus, split_of
 from nla_space.errors import NLAInputError
 
 
@@ -88,8 +88,14 @@ def test_train_patch_learns_resumes_and_ships(tmp_path, capsys) -> None:
 
 
 def test_reading_eval_metrics_on_known_records() -> None:
-    class Stub:
+    class Stub:  # the opened card's μ, under both the attribute and the per-layer accessor
         mu = torch.zeros(4)
+
+        def check_layer(self, layer: int | None) -> int | None:
+            return layer
+
+        def mu_at(self, layer: int | None) -> torch.Tensor:
+            return self.mu
 
     ev = ReadingEval(Stub(), "guided", 4)  # type: ignore[arg-type]
     V = torch.eye(4)

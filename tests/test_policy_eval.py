@@ -6,7 +6,6 @@ imported by tests/test_roundtrip.py.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from pathlib import Path
@@ -31,7 +30,7 @@ def _texts(seed: int) -> list[str]:
 
 def write_targets(folder: Path, bb, layer: int, spec: str) -> Path:
     """A target set from ``nla_space.activations.extract`` on ``bb`` (test rows interleaved)."""
-    from eval_harness.dataset import write_target_set
+    from eval_harness.data.dataset import write_target_set
     from nla_space.activations import extract
 
     texts = _texts(0)
@@ -44,7 +43,7 @@ def write_targets(folder: Path, bb, layer: int, spec: str) -> Path:
 
 @pytest.fixture(scope="session")
 def prefix_env(tmp_path_factory):
-    from nla_space.runtime import shared_backbone
+    from nla_space.backbone import shared_backbone
 
     root = tmp_path_factory.mktemp("pe_prefix")
     bdir = tiny.save_backbone(root / "backbone", "llama")
@@ -62,8 +61,7 @@ def injection_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("pe_injection")
     s = Setup(root, "phi3")
     _write_sidecar(s.av, s.sidecar())
-    data = dataclasses.asdict(s.card())
-    data.pop("source_file")
+    data = s.card().to_dict()
     card = root / "card.json"
     card.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     targets = write_targets(root / "targets", load_backbone(str(s.base)), 3, str(s.base))
@@ -169,7 +167,7 @@ def test_policy_eval_end_to_end(which, prefix_env, injection_env, tmp_path):
 
 
 def test_policy_eval_resume_equals_uninterrupted_run(injection_env, tmp_path, monkeypatch):
-    from eval_harness import policy_eval as pe
+    from eval_harness.evals import policy_eval as pe
 
     full = tmp_path / "full.json"
     assert run(policy_args(injection_env, full)) == 0

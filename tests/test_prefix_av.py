@@ -4,7 +4,7 @@ An SRT-format release folder (reference ``config.json`` + ``best_av.pt`` wrapper
 tiny random backbone saved to disk; :func:`nla_space.runtime.open_card` must produce exactly the
 greedy continuation of ``model.generate(inputs_embeds=[W v, P])`` (times √d on Gemma-2, where the
 reference releases were trained with the model scaling ``inputs_embeds``), and score it by the
-round-trip convention of ``srt.md`` §3.3 (prefix-free, BOS-free, read at the first EOS inclusive).
+round-trip convention of the SRT eval scripts (prefix-free, BOS-free, read at the first EOS inclusive).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ LAYER = 2  # hidden_states index; the tiny backbones have 4 blocks
 EOS = tiny.SPECIALS.index("<eos>")
 PAD = tiny.SPECIALS.index("<pad>")
 
-#: The reference release config (srt.md §2), minus the keys newer versions added
+#: The reference release config (``config.json`` of https://huggingface.co/RiverRider/srt-nla-av-llama32-3b), minus the keys newer versions added
 #: (``use_layer_embed``, ``inject_norm``) and minus ``h_max``, plus a key we do not know.
 REFERENCE_CONFIG = {
     "backbone_id": "meta-llama/Llama-3.2-3B",
@@ -232,7 +232,7 @@ def test_reencode_ids_matches_plain_forward_per_row(tiny_backbone):
 
 def test_prefix_av_variants_inject_shapes(tiny_llama):
     """Multi-slot, MLP-prefix and layer-embedding configs build and inject the documented shapes."""
-    cfg = NLAConfig(extraction_layer=LAYER, num_prefix_tokens=3, prefix_mode="mlp", num_inject_slots=2,
+    cfg = NLAConfig(backbone_id="tiny", backbone_dtype="float32", extraction_layer=LAYER, num_prefix_tokens=3, prefix_mode="mlp", num_inject_slots=2,
                     use_layer_embed=True, inject_norm="embed", prefix_mlp_hidden=8)
     av = build_prefix_av(cfg, tiny_llama)
     assert av.prefix_length == 5
@@ -241,7 +241,7 @@ def test_prefix_av_variants_inject_shapes(tiny_llama):
     # Freshly initialised: identity proj, zero MLP output layer → prefix slots are the BOS row.
     bos_row = tiny_llama.model.get_input_embeddings().weight[tiny_llama.bos_id]
     torch.testing.assert_close(out[:, 2:], bos_row.expand(4, 3, 32))
-    static = build_prefix_av(NLAConfig(extraction_layer=LAYER, num_prefix_tokens=0), tiny_llama)
+    static = build_prefix_av(NLAConfig(backbone_id="tiny", backbone_dtype="float32", extraction_layer=LAYER, num_prefix_tokens=0), tiny_llama)
     v = torch.randn(32)
     torch.testing.assert_close(static.inject(v)[0, 0], v)  # identity init, raw v, no scale
     assert static.inject(v).shape == (1, 1, 32)

@@ -52,6 +52,11 @@ def test_model_card_front_matter(published):
     res = json.loads((published["out"] / "eval/centered_eval.json").read_text())
     assert metrics["adapter_cen_bestofK_mean"] == pytest.approx(res["adapter_cen_bestofK_mean"], abs=1e-4)
     assert "open_card" in text and "python -m nla_space verbalize --card" in text
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(text).data  # the Hub's own parser reads the model-index back
+    assert data.eval_results and {r.metric_type for r in data.eval_results} >= {"adapter_cen_bestofK_mean"}
+    assert all(r.dataset_split == "test" for r in data.eval_results)
 
 
 def test_release_folder_opens_as_a_card(published):
@@ -72,6 +77,7 @@ def test_base_model_for_embedded_and_hub_specs():
 def test_push_without_network_or_token_is_a_clear_error(published, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(published["root"] / "no-login"))  # no saved login either
     args = ["publish", "--run", str(published["run"]), "--out", str(published["root"] / "r2"),
             "--targets", str(published["root"].parent), "--push", "someone/tiny-av"]
     # the run has no μ and --targets is not a targets folder: refused before anything is written

@@ -15,11 +15,17 @@ import tiny
 from nla_space import policy
 from nla_space.errors import CheckpointError
 from nla_space.io import save_tensors
+from nla_space.cards.sections import ReconstructorSection
 from nla_space.reconstructors import AR_TEMPLATE, Reconstructor, head_layer_keys, identity_head, nrm_mse, open_reconstructor
 from nla_space.rollout import Rollout
 from nla_space.scoring import cosine, fve_nrm
 
 TEXTS = ["the cat is red", "  a small dog on the old road near the river . ", "music"]
+
+
+def _open(section: dict):
+    """A reconstructor opened on the CPU from a card's ``reconstructor`` section given as JSON data."""
+    return open_reconstructor(ReconstructorSection.from_dict(section, "test"), device="cpu", dtype="float32")
 
 
 def _template(t: str) -> str:
@@ -67,7 +73,7 @@ def anthropic_ar(base, tmp_path_factory):
 def test_anthropic_ar_is_blocks_0_to_k_then_value_head(base, anthropic_ar):
     model, tok = base
     folder, w = anthropic_ar
-    ar = open_reconstructor({"kind": "value_head", "folder": str(folder)}, device="cpu", dtype="float32")
+    ar = _open({"kind": "value_head", "folder": str(folder)})
     assert ar.heads is not None and sorted(ar.heads) == [3] and ar.backbone.num_layers == 3
     assert ar.spec.mse_scale == pytest.approx(math.sqrt(32))
     got = ar.encode(TEXTS, 3)  # one right-padded batch
@@ -79,7 +85,7 @@ def test_anthropic_ar_is_blocks_0_to_k_then_value_head(base, anthropic_ar):
 def test_identity_value_head_reads_the_raw_block_output(base, anthropic_ar):
     model, tok = base
     folder, _ = anthropic_ar
-    ar = open_reconstructor({"kind": "value_head", "folder": str(folder)}, device="cpu", dtype="float32")
+    ar = _open({"kind": "value_head", "folder": str(folder)})
     ar.heads = {3: identity_head(32)}
     torch.testing.assert_close(ar.encode(TEXTS[:1], 3)[0], _ref_hidden(model, tok, _template(TEXTS[0]), 3), rtol=1e-4, atol=1e-4)
 
@@ -118,7 +124,7 @@ def test_nla_at_home_ar_left_padding_equals_each_text_alone(base, lora_setup):
     bdir, folder, heads = lora_setup
     sec = {"kind": "lora_heads", "folder": str(folder), "base": {"id": str(bdir)}, "padding_side": "left",
            "head_file": "value_heads.safetensors", "max_tokens": 256}
-    ar = open_reconstructor(sec, device="cpu", dtype="float32")
+    ar = _open(sec)
     assert sorted(ar.heads) == [1, 3]
     ids, mask = ar.batch(TEXTS)
     assert mask[:, -1].all() and not mask[:, 0].all()  # left padded
@@ -137,7 +143,7 @@ def test_hook_ar_reads_the_first_marker(base, lora_setup):
     bdir, folder, _ = lora_setup
     sec = {"kind": "lora_marker", "folder": str(folder), "base": {"id": str(bdir)}, "read": "marker", "marker": "㈎",
            "add_special_tokens": False}
-    ar = open_reconstructor(sec, device="cpu", dtype="float32")
+    ar = _open(sec)
     assert ar.heads is None and ar.supports(3)
     pm = _ref_lora(model, folder)
     ref = torch.stack([_ref_hidden(pm, tok, _template(t) + "㈎", 3, add_special_tokens=False) for t in TEXTS])
@@ -147,7 +153,7 @@ def test_hook_ar_reads_the_first_marker(base, lora_setup):
 def test_long_explanations_keep_the_read_suffix(base, anthropic_ar):
     _, tok = base
     folder, _ = anthropic_ar
-    ar = open_reconstructor({"kind": "value_head", "folder": str(folder), "max_tokens": 24}, device="cpu", dtype="float32")
+    ar = _open({"kind": "value_head", "folder": str(folder), "max_tokens": 24})
     ids = ar.prompt_ids("the cat " * 50)
     tail = tok("</text> <summary>", add_special_tokens=False)["input_ids"]
     assert len(ids) == 24 and ids[-len(tail):] == tail
@@ -174,11 +180,11 @@ def test_head_keys_and_bad_sections():
     with pytest.raises(CheckpointError, match="block index"):
         head_layer_keys({"head": torch.eye(2)})
     with pytest.raises(CheckpointError, match="kind"):
-        open_reconstructor({"kind": "mystery", "folder": "."})
+        ReconstructorSection.from_dict({"kind": "mystery", "folder": "."}, "test")
 
 
 def test_wrong_head_shape_is_refused(base, anthropic_ar):
     folder, _ = anthropic_ar
-    ar = open_reconstructor({"kind": "value_head", "folder": str(folder)}, device="cpu", dtype="float32")
+    ar = _open({"kind": "value_head", "folder": str(folder)})
     with pytest.raises(CheckpointError, match="shape"):
         Reconstructor(backbone=ar.backbone, spec=ar.spec, heads={3: torch.eye(4)})

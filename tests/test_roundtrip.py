@@ -88,7 +88,7 @@ def test_roundtrip_end_to_end(which, prefix_env, injection_env, tmp_path):  # no
 
 
 def test_roundtrip_resume_equals_uninterrupted_run(prefix_env, tmp_path, monkeypatch):  # noqa: F811
-    from eval_harness import roundtrip as rt
+    from eval_harness.evals import roundtrip as rt
 
     full, out = tmp_path / "full.json", tmp_path / "resumed.json"
     assert run(rt_args(prefix_env, full)) == 0

@@ -12,7 +12,7 @@ import torch
 
 from nla_space import policy, scoring
 from nla_space.errors import NLAInputError
-from nla_space.policy import Candidate, Verbalization, best_of_k, check_params, score_vectors, select_best
+from nla_space.policy import Candidate, Note, Verbalization, best_of_k, check_params, score_vectors, select_best
 from nla_space.rollout import Rollout, eos_inclusive_mask
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -117,7 +117,7 @@ def _verbalization(scores_raw, scores_cen, tau, centered=True) -> Verbalization:
     cen_t = torch.tensor(scores_cen) if centered else None
     return Verbalization(card="x", layer=3, k=len(cands), tau=tau, trained=True, greedy=False, temperature=1.0,
                          seed=0, centered=centered, candidates=cands, best_index=select_best(raw_t, cen_t),
-                         timings={"total_s": 0.123456}, notes=["n"])
+                         timings={"total_s": 0.123456}, notes=[Note("card", "n")])
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ Phi-3 release with a depth template) and a tiny single-layer prefix card."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -33,7 +32,7 @@ def multi(tmp_path_factory) -> dict:
     _write_sidecar(s.av, s.sidecar())
     card = s.card()
     path = root / "card.json"
-    data = {k: v for k, v in dataclasses.asdict(card).items() if k != "source_file"}
+    data = card.to_dict()
     data["id"] = str(path)
     path.write_text(json.dumps(data), encoding="utf-8")
     return {"path": str(path), "opened": open_card(str(path), device="cpu")}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tiny
-from eval_harness.dataset import SPLITS, load_target_set
-from eval_harness.targets import HealthError, HealthThresholds, TargetsSpec, build_targets, check_health, health_stats
+from eval_harness.data.dataset import SPLITS, load_target_set
+from eval_harness.data.targets import HealthError, HealthThresholds, TargetsSpec, build_targets, check_health, health_stats
 from nla_space.activations import hidden_at_layer, read_last_valid
 
 #: Tiny random models have small activations: only the degenerate-set checks stay meaningful.
@@ -118,8 +118,8 @@ LINE_SEPARATORS = "a\u2028b\u2029c\x85d\x0ce\x1cf\x1dg\x1eh\x0bi\rj"
 def test_texts_with_unicode_line_separators_round_trip(tmp_path):
     """A sampled text may hold U+2028 and friends (Gemma-3-270M produced one): shards and the final
     texts.jsonl must read back row for row (a `splitlines` reader cut such a row in two)."""
-    from eval_harness.dataset import write_target_set
-    from eval_harness.targets import _read_shard, _write_shard
+    from eval_harness.data.dataset import write_target_set
+    from eval_harness.data.targets import _read_shard, _write_shard
 
     texts = [LINE_SEPARATORS, "plain", "x\u2028"]
     ids = [[1, 2], [3], [4, 5, 6]]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tiny
-from eval_harness.targets import HealthThresholds, TargetsSpec, build_targets
-from eval_harness.train import TrainConfig, pad_gold, sft_loss, train
+from eval_harness.data.targets import HealthThresholds, TargetsSpec, build_targets
+from eval_harness.train.prefix import TrainConfig, pad_gold, sft_loss, train
 from nla_space.backbone import load_backbone
 from nla_space.hub import load_state_dict
 from nla_space.verbalizers import NLAConfig, build_prefix_av
@@ -37,7 +37,7 @@ def _cfg(**kw) -> TrainConfig:
 
 def test_loss_decreases_and_only_adapter_trains(setup, tmp_path):
     bb, ts = setup
-    av = build_prefix_av(NLAConfig(extraction_layer=2, num_prefix_tokens=2), bb)
+    av = build_prefix_av(NLAConfig(backbone_id="tiny", backbone_dtype="float32", extraction_layer=2, num_prefix_tokens=2), bb)
     rows = ts.indices("train")[:8]
     toy = bb.tokenizer("the cat is on the house", add_special_tokens=False)["input_ids"]
     gold, mask = pad_gold([toy[: 3 + i % 4] for i in range(8)], bb.pad_id, 64)
@@ -91,7 +91,7 @@ def test_sigterm_saves_checkpoint(setup, tmp_path, monkeypatch):
     import os
     import signal
 
-    import eval_harness.train as tr
+    import eval_harness.train.prefix as tr
 
     bb, ts = setup
     calls = {"n": 0}
@@ -110,7 +110,7 @@ def test_sigterm_saves_checkpoint(setup, tmp_path, monkeypatch):
 
 
 def test_ce_gain_is_zero_when_v_is_ignored_and_grows_when_v_decides_the_text(setup):
-    from eval_harness.train import ce_gain
+    from eval_harness.train.prefix import ce_gain
 
     bb, ts = setup
     rows = ts.indices("train")[:8]
@@ -118,12 +118,12 @@ def test_ce_gain_is_zero_when_v_is_ignored_and_grows_when_v_decides_the_text(set
     a = bb.tokenizer("the cat is on the house", add_special_tokens=False)["input_ids"]
     b = bb.tokenizer("a dog ran far away", add_special_tokens=False)["input_ids"]
     gold_rows = [a if i % 2 == 0 else b for i in range(8)]  # the text is decided by which v it came with
-    av = build_prefix_av(NLAConfig(extraction_layer=2, num_prefix_tokens=2, inject_norm="center_embed"), bb, mu=ts.mu())
+    av = build_prefix_av(NLAConfig(backbone_id="tiny", backbone_dtype="float32", extraction_layer=2, num_prefix_tokens=2, inject_norm="center_embed"), bb, mu=ts.mu())
     with torch.no_grad():
         av.proj.weight.zero_()
     blind = ce_gain(av, bb, v, gold_rows, 64)
     assert blind["val_ce_gain"] == pytest.approx(0.0, abs=1e-6) and blind["val_ce"] > 0
-    av = build_prefix_av(NLAConfig(extraction_layer=2, num_prefix_tokens=2, inject_norm="center_embed"), bb, mu=ts.mu())
+    av = build_prefix_av(NLAConfig(backbone_id="tiny", backbone_dtype="float32", extraction_layer=2, num_prefix_tokens=2, inject_norm="center_embed"), bb, mu=ts.mu())
     gold, mask = pad_gold(gold_rows, bb.pad_id, 64)
     opt = torch.optim.AdamW(av.parameters(), lr=5e-2, weight_decay=0.0)
     for _ in range(40):
@@ -139,7 +139,7 @@ def test_center_embed_injects_the_direction_of_v_minus_mu_and_round_trips(setup,
 
     bb, ts = setup
     mu = ts.mu()
-    av = build_prefix_av(NLAConfig(extraction_layer=2, num_prefix_tokens=1, inject_norm="center_embed"), bb, mu=mu)
+    av = build_prefix_av(NLAConfig(backbone_id="tiny", backbone_dtype="float32", extraction_layer=2, num_prefix_tokens=1, inject_norm="center_embed"), bb, mu=mu)
     x = torch.nn.functional.normalize(torch.randn(3, mu.numel(), generator=torch.Generator().manual_seed(0)), dim=-1) * mu.norm()
     want = torch.nn.functional.normalize(x, dim=-1) * av.embed_row_norm  # identity proj at init: the slot is the unit v − μ, rescaled
     for scale in (1.0, 5.0):
@@ -147,7 +147,7 @@ def test_center_embed_injects_the_direction_of_v_minus_mu_and_round_trips(setup,
     uncentered = torch.nn.functional.normalize(mu + x, dim=-1) * av.embed_row_norm
     assert (uncentered - want).norm(dim=-1).min() > 0.1 * av.embed_row_norm  # so the check above tells v − μ from v
     with pytest.raises(ValueError, match="takes no mu"):
-        build_prefix_av(NLAConfig(extraction_layer=2, inject_norm="embed"), bb, mu=mu)
+        build_prefix_av(NLAConfig(backbone_id="tiny", backbone_dtype="float32", extraction_layer=2, inject_norm="embed"), bb, mu=mu)
 
     state = train(bb, ts, tmp_path / "ce", _cfg(inject_norm="center_embed", max_steps=3, val_every=3))
     assert state["step"] == 3
@@ -175,7 +175,7 @@ def test_lr_scales_slow_or_freeze_the_projection_or_the_prefix(setup, tmp_path):
 
 
 def test_lr_schedule():
-    from eval_harness.train import _lr_at
+    from eval_harness.train.prefix import _lr_at
 
     cfg = TrainConfig(lr=1.0, warmup_steps=2, schedule="cosine")
     assert _lr_at(cfg, 0, 12) == 0.5 and _lr_at(cfg, 2, 12) == pytest.approx(1.0)

@@ -18,11 +18,11 @@ from nla_space.errors import CheckpointError
 from nla_space.runtime import open_card
 from nla_space.verbalizers.injection import input_ids_for_text
 
-from eval_harness.injection_targets import (InjectionTargetsSpec, base_spec, build_injection_targets, depth_layers,
+from eval_harness.data.injection_targets import (InjectionTargetsSpec, base_spec, build_injection_targets, depth_layers,
                                             load_injection_targets)
-from eval_harness.train_ar import ARModel, ARTrainConfig, train_ar
-from eval_harness.train_av_lora import AVTrainConfig, injection_card, injection_card_dict, train_av
-from eval_harness.train_grpo import GRPOConfig, template_rate, train_grpo
+from eval_harness.train.ar import ARModel, ARTrainConfig, train_ar
+from eval_harness.train.av_lora import AVTrainConfig, injection_card, injection_card_dict, train_av
+from eval_harness.train.grpo import GRPOConfig, template_rate, train_grpo
 
 LAYERS = 8
 WORDS = [w for w in tiny.WORDS if w.isalpha()]
@@ -71,7 +71,8 @@ def _av_cfg(**kw) -> AVTrainConfig:
 
 
 def test_depth_layers_map_the_phi4_bands():
-    # Phi-4 (40 blocks): the v2 map {4:10, 10:25, 16:40, 20:47, 26:63, 32:80, 38:96} (nla_at_home.md §5.1), layer = block + 1
+    # Phi-4 (40 blocks): nla-at-home's v2 layer → band map {4:10, 10:25, 16:40, 20:47, 26:63, 32:80, 38:96}
+    # (scripts/split_descriptions_v2.py, https://github.com/anicka-net/nla-at-home), layer = block + 1
     assert [(d.block, d.prompt_pct) for d in depth_layers(40)] == [(4, 10), (10, 25), (16, 40), (19, 47), (25, 63), (32, 80), (38, 96)]
     # SmolLM2 (30 blocks): the last band stays before the final norm (block ≤ n − 2)
     assert [d.layer for d in depth_layers(30)] == [4, 8, 13, 15, 20, 25, 29]
@@ -154,12 +155,13 @@ def test_ar_loss_decreases_and_heldout_centered_cosine_improves(trained):
     assert evals[-1]["eval_raw_cos"] > evals[0]["eval_raw_cos"]
     assert {"eval_top1", "eval_top1_chance", "eval_raw_cos"} <= set(evals[-1])
     # best.json's held-out centered cosine is cos(pred − μ, v − μ) of the AR as the loader opens it
+    from nla_space.cards.sections import ReconstructorSection
     from nla_space.reconstructors import open_reconstructor
     from nla_space.scoring import cosine
 
     ts, best = trained["ts"], json.loads((trained["ar"] / "best" / "best.json").read_text())
-    ar = open_reconstructor({"kind": "lora_heads", "folder": str(trained["ar"] / "best"), "base": {"id": str(ts.meta["backbone"])},
-                             "padding_side": "left"})
+    ar = open_reconstructor(ReconstructorSection.from_dict({"kind": "lora_heads", "folder": str(trained["ar"] / "best"),
+                                                            "base": {"id": str(ts.meta["backbone"])}, "padding_side": "left"}, "test"))
     held = ts.indices("heldout")
     cen = torch.cat([cosine(ar.encode([ts.descriptions[i] for i in held], ell) - ts.mus[ell], ts.vectors[ell][held] - ts.mus[ell])
                      for ell in ts.layers])
@@ -311,8 +313,8 @@ def test_sft_loss_and_policy_logprobs_match_a_plain_forward():
     import torch.nn.functional as F
 
     from nla_space.backbone import from_model
-    from eval_harness.train_av_lora import make_av, make_sidecar, sft_loss, target_ids
-    from eval_harness.train_grpo import rollout_group, token_logprobs
+    from eval_harness.train.av_lora import make_av, make_sidecar, sft_loss, target_ids
+    from eval_harness.train.grpo import rollout_group, token_logprobs
 
     m, tok = tiny.make_marker_model("qwen2", layers=LAYERS, hidden=32, seed=1)
     bb = from_model(m, tok)

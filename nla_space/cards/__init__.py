@@ -1,70 +1,86 @@
 """Verbalizer cards: one JSON data file per card in this folder, or a local folder laid out like a release.
 
-A card file holds every card-specific fact, so the code never branches on a model name:
+A card file holds every card-specific fact, so the code never branches on a model name. Its keys are
+the fields of :class:`Card`; each section is a typed class of :mod:`nla_space.cards.sections` (the one
+place its defaults are stated), and a key no class declares is refused, naming the file and the key:
 
 ``id``            hub id of the verbalizer (or ``nla-space/…`` for ours), also accepted by ``--card``
 ``aliases``       short names for ``--card``
 ``kind``          ``"prefix"`` (SRT family), ``"injection"`` (token-injection AVs) or ``"patch"`` (v written at its
                   own layer, LoRA above it) — the verbalizer class to build (:data:`nla_space.runtime.CARD_KINDS`)
-``backbone``      ``{"id", "revision", "dtype", "shape"}``; ``id`` may be ``embedded:NAME``; ``shape`` (optional)
-                  holds the architecture config fields a random-weight model of the same size needs
-                  (``bench --random-weights``), with the ``source`` they were read from
-``layers``        the layers the AV supports (``hidden_states`` index, see :mod:`nla_space.activations`)
-``av``            where the weights are: ``{"repo", "revision", "files"}`` on the hub, or ``{"folder"}``
-                  relative to the repository root (the shipped ``assets/``)
+``title``, ``description``, ``license``   text
+``backbone``      :class:`~.sections.BackboneSection`; ``id`` may be ``embedded:NAME``
+``layers``        the layers the AV supports (``hidden_states`` index, see :mod:`nla_space.activations`); the first is the default
+``av``            :class:`~.sections.AVSection`: ``{"repo", "revision", "files"}`` on the hub, or ``{"folder"}``
+                  relative to the ``nla_space`` package (the shipped ``assets/``)
 ``mu_file``       file (inside the AV folder) holding μ; optional
-``default_tau``   hedging threshold on the centered scale
-``anchors``       the card's floor/ceiling on the centered scale, with the ceiling's name
-``published``     numbers from the card, each table with its ``source``
-``injection``     (kind ``injection``) marker, template, injection rule and scale, depth rule, parsing;
-                  see :mod:`nla_space.verbalizers.injection`
-``reconstructor`` (kind ``injection``) the AR that scores candidates; see :mod:`nla_space.reconstructors`
-``patch``         (kind ``patch``) ``pool_file``, ``default_strategy``, ``calibration``; see
-                  :mod:`nla_space.verbalizers.patch_card` and :mod:`nla_space.specificity`
-``compass``       optional ``{"file", "block_offset", "tau"}``: a compass (:mod:`nla_space.compass`) in the AV
-                  folder whose rerank of the same candidates is reported beside the oracle (re-encode) pick;
-                  ``tau`` is on the compass's cosine scale (default 0.30)
+``default_tau``   hedging threshold on the card's score scale
+``anchors``       :class:`~.sections.AnchorsSection`: the card's floor/ceiling, with the ceiling's name
+``published``     free-form: numbers from the card's source, each table with its ``source``
+``injection``     (kind ``injection``) :class:`~.sections.InjectionSection`; see :mod:`nla_space.verbalizers.injection`
+``reconstructor`` (kind ``injection``) :class:`~.sections.ReconstructorSection`; see :mod:`nla_space.reconstructors`
+``patch``         (kind ``patch``) :class:`~.sections.PatchSection`; see :mod:`nla_space.verbalizers.patch_card`
+``compass``       optional :class:`~.sections.CompassSection`: a compass second opinion in the AV folder
+``training``      free-form: how the card's AV was trained (recipe, data, cost, held-out numbers)
+``heldout``       free-form: held-out evaluation records kept with the card
+``trainer_template``  the harness trainers reuse this card's injection recipe and reconstructor layout
+                  (:func:`eval_harness.data.injection_targets.template_card`); exactly one built-in card sets it
 
-A local folder is a card too: ``config.json`` (NLAConfig) + ``av.safetensors`` or ``best_av.pt``,
-optionally ``mu.safetensors`` / ``mu_l{ℓ}.pt`` and a ``card.json`` with any of the fields above.
+Adding a card is adding one JSON file here. A local folder is a card too: ``config.json`` (NLAConfig) +
+``av.safetensors`` or ``best_av.pt``, optionally ``mu.safetensors`` / ``mu_l{ℓ}.pt`` and a ``card.json``
+with any of the fields above.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import CheckpointError, NLAInputError
+from .sections import (AnchorsSection, AVSection, BackboneSection, CompassSection, InjectionSection, PatchSection,
+                       ReconstructorSection, Section)
 
-CARDS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = CARDS_DIR.parent.parent
+#: The package's own folder (``nla_space/`` in a checkout, ``site-packages/nla_space`` when installed),
+#: found through ``importlib.resources``: card files are in ``cards/``, the shipped AVs, corpora,
+#: results and the leaderboard in ``assets/`` (package data, so a non-editable install works from
+#: any directory). A card's ``av.folder`` is relative to it.
+PACKAGE_ROOT = Path(str(importlib.resources.files("nla_space")))
+CARDS_DIR = PACKAGE_ROOT / "cards"
+ASSETS_DIR = PACKAGE_ROOT / "assets"
+#: A checkout's root: only for what exists only in a checkout (the git commit of a results file).
+REPO_ROOT = PACKAGE_ROOT.parent
 DEFAULT_CARD = "embedded"
 
 
-@dataclass
-class Card:
+@dataclass(kw_only=True)
+class Card(Section):
+    """One card (module docstring for the keys); ``source_file`` is where it was read from, not a key."""
+
+    EMIT: ClassVar[tuple[str, ...]] = ("kind", "default_tau")
     id: str
     kind: str = "prefix"
     title: str = ""
     aliases: list[str] = field(default_factory=list)
-    backbone: dict[str, Any] = field(default_factory=dict)
-    layers: list[int] = field(default_factory=list)
-    av: dict[str, Any] = field(default_factory=dict)
-    mu_file: str | None = None
-    default_tau: float = 0.6
-    anchors: dict[str, Any] = field(default_factory=dict)
-    published: dict[str, Any] = field(default_factory=dict)
-    #: kind "injection" only: the injection recipe and the reconstructor (see nla_space.verbalizers.injection)
-    injection: dict[str, Any] = field(default_factory=dict)
-    reconstructor: dict[str, Any] = field(default_factory=dict)
-    compass: dict[str, Any] = field(default_factory=dict)
-    #: kind "patch" only: pool file, default strategy, calibration (see nla_space.verbalizers.patch_card)
-    patch: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     license: str = ""
-    source_file: str | None = None
+    backbone: BackboneSection
+    layers: list[int]
+    av: AVSection = field(default_factory=AVSection)
+    mu_file: str | None = None
+    default_tau: float = 0.6
+    anchors: AnchorsSection = field(default_factory=AnchorsSection)
+    published: dict[str, Any] = field(default_factory=dict)
+    injection: InjectionSection | None = None
+    reconstructor: ReconstructorSection | None = None
+    compass: CompassSection | None = None
+    patch: PatchSection | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    heldout: dict[str, Any] = field(default_factory=dict)
+    trainer_template: bool = False
+    source_file: str | None = field(default=None, metadata={"json": False})
 
     @property
     def default_layer(self) -> int:
@@ -72,43 +88,27 @@ class Card:
 
     @property
     def backbone_id(self) -> str:
-        return str(self.backbone.get("id", ""))
+        return self.backbone.id
 
     @property
     def local_folder(self) -> Path | None:
-        folder = self.av.get("folder")
-        if folder is None:
+        if self.av.folder is None:
             return None
-        p = Path(folder)
-        return p if p.is_absolute() else REPO_ROOT / p
+        p = Path(self.av.folder)
+        return p if p.is_absolute() else PACKAGE_ROOT / p
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> "Card":
-        known = set(cls.__dataclass_fields__)
-        try:
-            card = cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise CheckpointError(f"{source}: not a card ({exc})") from exc
-        card.source_file = source
-        if not isinstance(card.layers, list) or not card.layers or not all(
-                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 4096 for x in card.layers):
-            raise CheckpointError(f"{source}: 'layers' must be a non-empty list of integers")
-        if isinstance(card.default_tau, bool) or not isinstance(card.default_tau, (int, float)) or not 0 <= card.default_tau <= 1:
-            raise CheckpointError(f"{source}: 'default_tau' must be in [0, 1]")
-        for name in ("id", "kind", "title", "description", "license"):
-            if not isinstance(getattr(card, name), str):
-                raise CheckpointError(f"{source}: '{name}' must be a string, got {getattr(card, name)!r}")
-        for name in ("backbone", "av", "anchors", "published", "injection", "reconstructor", "compass", "patch"):
-            if not isinstance(getattr(card, name), dict):
-                raise CheckpointError(f"{source}: '{name}' must be a JSON object, got {getattr(card, name)!r}")
-        if not isinstance(card.aliases, list) or not all(isinstance(a, str) for a in card.aliases):
-            raise CheckpointError(f"{source}: 'aliases' must be a list of strings")
-        tau_c = card.compass.get("tau", 0.3)
-        if isinstance(tau_c, bool) or not isinstance(tau_c, (int, float)) or not -1 <= tau_c <= 1:
-            raise CheckpointError(f"{source}: 'compass.tau' must be a cosine in [-1, 1], got {tau_c!r}")
-        if card.mu_file is not None and not isinstance(card.mu_file, str):
-            raise CheckpointError(f"{source}: 'mu_file' must be a file name, got {card.mu_file!r}")
+    def from_dict(cls, data: Any, where: str | None = None, key: str | None = None) -> "Card":  # type: ignore[override]
+        """The card of a card file's JSON object; ``where`` names the file (refusals name it and the key)."""
+        card = super().from_dict(data, str(where or "<card>"), "" if key is None else key)
+        card.source_file = where
         return card
+
+    def check(self, where: str, key: str) -> None:
+        if not self.layers or not all(0 <= x <= 4096 for x in self.layers):
+            raise CheckpointError(f"{where}: 'layers' must be a non-empty list of integers in [0, 4096]")
+        if not 0 <= self.default_tau <= 1:
+            raise CheckpointError(f"{where}: 'default_tau' must be in [0, 1], got {self.default_tau!r}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -126,6 +126,29 @@ def builtin_cards() -> list[Card]:
     return [Card.from_dict(_read_json(p), str(p)) for p in sorted(CARDS_DIR.glob("*.json"))]
 
 
+def cards_table(cards: list[Card] | None = None) -> str:
+    """The Markdown table of the cards (default: every built-in card), generated from the card files:
+    id and aliases, kind, backbone (with what its weights are), layer(s), where the AV weights come from,
+    licence. The README's table and the About tab are this output."""
+    from ..backbone import EMBEDDED_BACKBONES
+
+    lines = ["| card (aliases) | kind | backbone | layer(s) ℓ | AV weights | licence |", "|---|---|---|---|---|---|"]
+    for c in builtin_cards() if cards is None else cards:
+        name = f"[`{c.id}`](https://huggingface.co/{c.id})" if c.av.repo else f"`{c.id}`"
+        if c.aliases:
+            name += " (" + ", ".join(f"`{a}`" for a in c.aliases) + ")"
+        backbone = f"`{c.backbone_id}`"
+        if c.backbone_id.startswith("embedded:"):
+            info = EMBEDDED_BACKBONES.get(c.backbone_id.split(":", 1)[1], {})
+            backbone += f": {info.get('hub_equivalent', '?')}, {info.get('weights', '')}"
+        weights = f"shipped, `nla_space/{c.av.folder}`" if c.av.folder else f"Hub, `{c.av.repo or c.id}`"
+        lines.append(f"| {name} | {c.kind} | {backbone} | {', '.join(map(str, c.layers))} | {weights} | {c.license or '—'} |")
+    lines.append("")
+    lines.append("ℓ is a `hidden_states` index of a Hugging Face forward (0 = embeddings), read at the last token of "
+                 "`[BOS] + text` (`nla_space/activations.py`). Regenerate with `nla-space cards --markdown`.")
+    return "\n".join(lines)
+
+
 def card_from_folder(folder: Path) -> Card:
     """A card for a local folder laid out like an SRT release."""
     from ..verbalizers.config import NLAConfig
@@ -141,7 +164,9 @@ def card_from_folder(folder: Path) -> Card:
     }
     data.update(extra)
     data["av"] = {"folder": str(folder.resolve())}
-    return Card.from_dict(data, str(folder))
+    card = Card.from_dict(data, str(folder / "card.json") if extra else str(folder))
+    card.source_file = str(folder)
+    return card
 
 
 def find_card(name: str | None) -> Card:

@@ -6,7 +6,8 @@ import os
 
 import gradio as gr
 
-from ..cards import builtin_cards
+from ..backbone import EMBEDDED_BACKBONES
+from ..cards import Card, cards_table, find_card
 
 CITATION = """@misc{lancaster2026nlareframe,
   title  = {Natural-Language Activation Verbalization: Probing the Decodability of Frozen Hidden States via Prefix-Tuned Generation},
@@ -34,21 +35,12 @@ def embed_snippet(url: str | None = None) -> str:
     )
 
 
-def cards_markdown() -> str:
-    lines = ["| card | backbone | layer(s) | licence | source |", "|---|---|---|---|---|"]
-    for c in builtin_cards():
-        src = (c.published or {}).get("source") or ("this project (`assets/`)" if c.local_folder else c.id)
-        hub = f"[{c.id}](https://huggingface.co/{c.id})" if c.av.get("repo") else f"`{c.id}`"
-        lines.append(f"| {hub} | `{c.backbone_id}` | {', '.join(map(str, c.layers))} | {c.license} | {src} |")
-    return "\n".join(lines)
-
-
 ABOUT = """
 ## What is an activation verbalizer?
 
 A language model turns a text into a stack of hidden states. An **activation verbalizer (AV)** is a small
 trained module that reads *one* hidden vector `v` of a frozen model and writes a sentence about it. Three kinds
-run here: **patch AVs** (the embedded default: `v` is written into the model's own residual stream at its layer,
+run here: **patch AVs** (`v` is written into the model's own residual stream at its layer,
 at the first position, and a LoRA on the blocks above reads it), **prefix adapters** (the SRT family: `v` is
 projected into a few soft-prompt slots) and **token-injection AVs** (`v` replaces a marker token's embedding in a
 prompt; scored by a separate reconstructor).
@@ -108,9 +100,31 @@ The same seed, K, temperature and card give the same candidates on the same hard
 """
 
 
+def default_card_markdown(card: Card) -> str:
+    """What the default card is, every statement read from its card file (nothing about it is written here)."""
+    rows = [("card", f"`{card.id}` (aliases: {', '.join(card.aliases) or '—'})"), ("kind", card.kind)]
+    backbone = f"`{card.backbone_id}`"
+    if card.backbone_id.startswith("embedded:"):
+        info = EMBEDDED_BACKBONES.get(card.backbone_id.split(":", 1)[1], {})
+        backbone += f" = {info.get('hub_equivalent', '?')}: {info.get('weights', '')}"
+    rows.append(("backbone", backbone))
+    rows.append(("layer", ", ".join(f"`hidden_states[{ell}]`" for ell in card.layers)))
+    if card.patch is not None:
+        strategy = card.patch.default_strategy
+        rows.append(("default decoding", f"{strategy}" + (f", β {card.patch.guided_beta}" if strategy == "guided" else "")))
+    calibration = card.patch.calibration if card.patch is not None else None
+    if calibration:
+        rows.append(("hedge", calibration.meaning()))
+    else:
+        rows.append(("hedge", f"hedged when the score is under τ = {card.default_tau}"))
+    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    return f"## The default card\n\n{card.description}\n\n{table}\n"
+
+
 def build() -> None:
+    gr.Markdown(default_card_markdown(find_card(None)))
     gr.Markdown(ABOUT)
-    gr.Markdown("## Cards\n\n" + cards_markdown())
+    gr.Markdown("## Cards\n\n" + cards_table())
     gr.Markdown("### Citations\n\nThe SRT cards (`RiverRider/srt-nla-av-*`), as their model cards ask:")
     gr.Code(CITATION, language=None, label="BibTeX", interactive=False)
     gr.Markdown(

@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
+from ..errors import NLAInputError
 from . import about_tab, compare_tab, engine, handlers, leaderboard_tab, theme, verbalize_tab
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ def api_verbalize(
     strategy: str | None = None,
     greedy: bool = False,
     max_new_tokens: int | None = None,
+    position: int | None = None,
 ) -> dict[str, Any]:
     """Verbalize the activation of `text` at the card's layer (guided or best-of-K, with τ hedging).
 
@@ -45,11 +48,13 @@ def api_verbalize(
         strategy: "guided", "best-of-k" or "greedy" (null: the card's default).
         greedy: one greedy candidate (same as strategy "greedy").
         max_new_tokens: rollout length (null: the card's default).
+        position: the token whose state is read: 0 = the text's first token, negative counts from the end
+            (null: the card's read position, the last token).
 
     Returns the same JSON object as `python -m nla_space verbalize --json`.
     """
     result, _ = handlers.run_checked(text=text, card=card, layer=layer, k=k, tau=tau, temperature=temperature, seed=seed,
-                                     strategy=strategy, greedy=greedy, max_new_tokens=max_new_tokens)
+                                     strategy=strategy, greedy=greedy, max_new_tokens=max_new_tokens, position=position)
     return result
 
 
@@ -75,6 +80,43 @@ def api_sweep(
     `{"sweep": [...]}`, one `/verbalize` object (plus `depth_pct`) per layer, in ascending layer order.
     """
     return {"sweep": handlers.sweep_checked(text=text, card=card, k=k, tau=tau, temperature=temperature, seed=seed)}
+
+
+def _check_verbalize(text: Any, card: Any = "embedded", layer: Any = None, k: Any = 16, tau: Any = None,
+                     temperature: Any = 1.0, seed: Any = 0, strategy: Any = None, greedy: Any = False,
+                     max_new_tokens: Any = None, position: Any = None) -> None:
+    engine.check_request(text=text, card=card, layer=layer, k=k, tau=tau, temperature=temperature, seed=seed,
+                         greedy=greedy, max_new_tokens=max_new_tokens, strategy=strategy, position=position)
+
+
+def _check_sweep(text: Any, card: Any = "embedded", k: Any = 16, tau: Any = None, temperature: Any = 1.0,
+                 seed: Any = 0) -> None:
+    engine.check_request(text=text, card=card, k=k, tau=tau, temperature=temperature, seed=seed)
+
+
+def refuse_before_queue(demo: gr.Blocks, api_name: str, check: Callable[..., None]) -> None:
+    """Check requests to the endpoint ``api_name`` on arrival, before they take a queue slot.
+
+    ``check`` takes the endpoint's parameters and raises :class:`NLAInputError`. Gradio runs the
+    endpoint's *validator* when a request arrives and answers an invalid one at once (HTTP 422, the
+    message attached to the input at fault), so it never waits behind valid requests. ``gr.api`` has
+    no ``validator`` argument, so it is set on the endpoint's ``BlockFunction``: the field that
+    ``Blocks.set_event_trigger(validator=…)`` fills. The validator returns one ``gr.validate`` per input.
+    """
+    fns = [fn for fn in demo.fns.values() if fn.api_name == api_name]
+    if len(fns) != 1:
+        raise RuntimeError(f"expected one endpoint named {api_name!r}, found {len(fns)}")
+    names = list(inspect.signature(fns[0].fn).parameters)
+
+    def validator(*args: Any) -> list[dict[str, Any]]:
+        try:
+            check(**dict(zip(names, args)))
+        except NLAInputError as exc:
+            at = names.index(exc.field) if exc.field in names else 0
+            return [gr.validate(i != at, str(exc) if i == at else "") for i in range(len(names))]
+        return [gr.validate(True, "") for _ in names]
+
+    fns[0].validator = validator
 
 
 def _on_load(request: gr.Request) -> tuple[Any, Any]:
@@ -109,6 +151,8 @@ def build_demo(concurrency: int | None = None, max_queue: int | None = None) -> 
         gr.api(api_verbalize, api_name="verbalize", concurrency_id="model", concurrency_limit=concurrency)
         gr.api(api_sweep, api_name="sweep", concurrency_id="model", concurrency_limit=concurrency)
         demo.load(_on_load, None, [intro, present], queue=False, api_visibility="private")
+    refuse_before_queue(demo, "verbalize", _check_verbalize)
+    refuse_before_queue(demo, "sweep", _check_sweep)
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     return demo
 

@@ -3,7 +3,7 @@
 Nothing here imports Gradio. The GPU function :func:`run_verbalize` is decorated with
 ``spaces.GPU`` (through :mod:`nla_space.ui.gpu`), takes and returns only picklable CPU data (strings,
 numbers, lists, dicts), and reads the opened cards from a module-level registry filled in the main
-process, so that on ZeroGPU the forked GPU worker inherits the loaded weights (ecosystem.md §1.4).
+process, so that on ZeroGPU the forked GPU worker inherits the loaded weights (https://huggingface.co/docs/hub/spaces-zerogpu).
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..cards import DEFAULT_CARD, Card, builtin_cards, find_card
 from ..errors import NLAInputError
 from ..policy import MAX_K, MAX_NEW_TOKENS
 from .gpu import default_device, gpu
+
+if TYPE_CHECKING:  # the opened-card interface, for annotations only (importing it loads the model stack)
+    from ..verbalizers.base import OpenedCard
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ APP_MAX_NEW_TOKENS = max(1, min(MAX_NEW_TOKENS, int(os.environ.get("NLA_SPACE_MA
 #: Longest GPU reservation requested on ZeroGPU, in seconds.
 MAX_GPU_SECONDS = int(os.environ.get("NLA_SPACE_MAX_GPU_SECONDS", "120"))
 
-_OPEN: dict[str, Any] = {}  # card id -> OpenCard, filled in the main process only
+_OPEN: dict[str, OpenedCard] = {}  # card id -> opened card, filled in the main process only
 _OPEN_LOCK = threading.Lock()
 _FAILED: dict[str, str] = {}  # card id -> last error message (shown in the picker)
 
@@ -51,13 +54,13 @@ class CardOption:
 
 
 def _is_cached(card: Card) -> bool:
-    repo = card.av.get("repo")
+    repo = card.av.repo
     if not repo:
         return False
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        hit = try_to_load_from_cache(repo, "config.json", revision=card.av.get("revision"))
+        hit = try_to_load_from_cache(repo, "config.json", revision=card.av.revision)
         return isinstance(hit, str)
     except Exception:  # an old or odd hub client: treat as not cached
         return False
@@ -94,7 +97,7 @@ def card_layers(name: str | None) -> list[int]:
     return list(find_card(name).layers)
 
 
-def get_open(name: str | None) -> Any:
+def get_open(name: str | None) -> OpenedCard:
     """The opened card (loaded once per process). Raises NLAInputError/CheckpointError with a readable message."""
     card = find_card(name)
     with _OPEN_LOCK:
@@ -133,13 +136,13 @@ def preload(names: list[str] | None = None) -> None:
 
 def _as_int(name: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool) or value is None:
-        raise NLAInputError(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
+        raise NLAInputError(f"{name} must be an integer from {lo} to {hi}, got {value!r}", field=name)
     try:
         f = float(value)
     except (TypeError, ValueError):
-        raise NLAInputError(f"{name} must be an integer from {lo} to {hi}, got {value!r}") from None
+        raise NLAInputError(f"{name} must be an integer from {lo} to {hi}, got {value!r}", field=name) from None
     if not math.isfinite(f) or f != int(f) or not lo <= int(f) <= hi:
-        raise NLAInputError(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
+        raise NLAInputError(f"{name} must be an integer from {lo} to {hi}, got {value!r}", field=name)
     return int(f)
 
 
@@ -147,9 +150,9 @@ def _as_float(name: str, value: Any, lo: float, hi: float) -> float:
     try:
         f = float(value)
     except (TypeError, ValueError):
-        raise NLAInputError(f"{name} must be a number in [{lo}, {hi}], got {value!r}") from None
+        raise NLAInputError(f"{name} must be a number in [{lo}, {hi}], got {value!r}", field=name) from None
     if isinstance(value, bool) or not math.isfinite(f) or not lo <= f <= hi:
-        raise NLAInputError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
+        raise NLAInputError(f"{name} must be a number in [{lo}, {hi}], got {value!r}", field=name)
     return f
 
 
@@ -164,7 +167,8 @@ class Request:
     seed: int | None
     greedy: bool
     max_new_tokens: int | None  #: None: the card's default, capped at APP_MAX_NEW_TOKENS
-    strategy: str | None = None  #: None: the card's default (:data:`nla_space.guided.STRATEGIES`)
+    position: int | None = None  #: the token read (None: the card's read position, the last); see nla_space.activations
+    strategy: str | None = None  #: None: the card's default (:data:`nla_space.policy.STRATEGIES`)
 
 
 def check_request(
@@ -178,18 +182,22 @@ def check_request(
     greedy: Any = False,
     max_new_tokens: Any = None,
     strategy: Any = None,
+    position: Any = None,
 ) -> Request:
     """Normalise and check one request; raise :class:`NLAInputError` with a readable message."""
     if not isinstance(text, str) or not text.strip():
-        raise NLAInputError("the text is empty: type something to verbalize")
+        raise NLAInputError("the text is empty: type something to verbalize", field="text")
     if len(text) > MAX_TEXT_CHARS:
-        raise NLAInputError(f"the text is {len(text)} characters long; this app accepts up to {MAX_TEXT_CHARS}")
+        raise NLAInputError(f"the text is {len(text)} characters long; this app accepts up to {MAX_TEXT_CHARS}", field="text")
     if card is not None and not isinstance(card, str):
-        raise NLAInputError(f"card must be a card id or alias, got {card!r}")
-    found = find_card(card or None)  # unknown card -> NLAInputError listing the known ones
+        raise NLAInputError(f"card must be a card id or alias, got {card!r}", field="card")
+    try:
+        found = find_card(card or None)  # unknown card -> NLAInputError listing the known ones
+    except NLAInputError as exc:
+        raise NLAInputError(str(exc), field="card") from exc
     layer_i = None if layer in (None, "") else _as_int("layer", layer, 0, 10_000)
     if layer_i is not None and layer_i not in found.layers:
-        raise NLAInputError(f"card {found.id} supports layer(s) {found.layers}, not {layer_i}")
+        raise NLAInputError(f"card {found.id} supports layer(s) {found.layers}, not {layer_i}", field="layer")
     return Request(
         card=found.id,
         text=text,
@@ -201,18 +209,19 @@ def check_request(
         greedy=bool(greedy),
         max_new_tokens=None if max_new_tokens in (None, "") else _as_int("max_new_tokens", max_new_tokens, 1, APP_MAX_NEW_TOKENS),
         strategy=_as_strategy(strategy, bool(greedy)),
+        position=None if position in (None, "") else _as_int("position", position, -MAX_TEXT_CHARS, MAX_TEXT_CHARS),
     )
 
 
 def _as_strategy(value: Any, greedy: bool) -> str | None:
     """``None``/``""``/``"default"``: the card's default; else one of the strategies (greedy must agree)."""
-    from ..guided import STRATEGIES
+    from ..policy import STRATEGIES
     from ..policy import resolve_strategy
 
     if value in (None, "", "default"):
         return "greedy" if greedy else None
     if not isinstance(value, str) or value not in STRATEGIES:
-        raise NLAInputError(f"strategy must be one of default, {', '.join(STRATEGIES)}, got {value!r}")
+        raise NLAInputError(f"strategy must be one of default, {', '.join(STRATEGIES)}, got {value!r}", field="strategy")
     return resolve_strategy(value, greedy, value)
 
 
@@ -229,7 +238,7 @@ def _rollout_seconds(k: int, greedy: bool, max_new_tokens: int | None) -> int:
 
 def gpu_seconds(card_id: str, text: str, layer: int | None, k: int, tau: float | None, temperature: float,
                 seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, strategy: str | None = None,
-                progress: Any = None) -> int:
+                position: int | None = None, progress: Any = None) -> int:
     """ZeroGPU reservation for one request, sized by K (same signature as :func:`run_verbalize`)."""
     return int(min(MAX_GPU_SECONDS, 15 + _rollout_seconds(k, greedy, max_new_tokens)))
 
@@ -245,7 +254,7 @@ def sweep_gpu_seconds(card_id: str, text: str, layers: list[int] | None, k: int,
     return int(min(MAX_GPU_SECONDS, 15 + n_layers * _rollout_seconds(k, greedy, max_new_tokens)))
 
 
-def _opened_with_length(card_id: str, max_new_tokens: int | None) -> tuple[Any, int]:
+def _opened_with_length(card_id: str, max_new_tokens: int | None) -> tuple[OpenedCard, int]:
     """The opened card and the rollout length: the request's, else the card's capped at APP_MAX_NEW_TOKENS.
 
     Opened in the main process before the call; a reused ZeroGPU worker forked earlier may lack a
@@ -263,31 +272,33 @@ def _progress_fn(progress: Any) -> Callable[[float, str], None]:
     return step
 
 
-def token_heat(oc: Any, text: str, layer: int) -> list[tuple[str, float]]:
-    """Per input token: cos(h_t − μ, v − μ) to the read vector v (the last token), in [−1, 1].
+def token_heat(oc: OpenedCard, text: str, layer: int, position: int | None = None) -> list[tuple[str, float]]:
+    """Per text token: cos(h_t − μ, v − μ) to the vector v the card read (at ``position``), in [−1, 1].
 
-    When the card has no μ, the mean of this text's own token states stands in for μ (raw cosines of
-    hidden states are all high, so they would colour every token alike). The BOS token is left out
-    (its state is an outlier).
+    The states are the card's own (:meth:`~nla_space.verbalizers.base.OpenedCard.token_states`: the
+    text's tokens as the card reads them, BOS and template tokens left out) and μ is the card's μ at
+    ``layer``. When the card has none there, the mean of this text's token states stands in for μ
+    (raw cosines of hidden states are all high, so they would colour every token alike).
     """
     import torch
 
-    from ..activations import token_states
-
-    pieces, states = token_states(oc.backbone, text, layer)
-    start = 1 if oc.backbone.bos_id is not None and len(pieces) > 1 else 0
-    if oc.mu is not None:
-        states = states - oc.mu.float().to(states.device)[None]
-    elif len(pieces) - start > 1:
-        states = states - states[start:].mean(0, keepdim=True)
-    cos = torch.nn.functional.cosine_similarity(states, states[-1:].expand_as(states), dim=-1)
-    return [(p, round(float(c), 3)) for p, c in zip(pieces[start:], cos[start:].tolist())]
+    pieces, states = oc.token_states(text, layer)
+    v = oc.read(text, layer, position)[None]
+    mu = oc.mu_at(layer)
+    if mu is not None:
+        center = mu.float()[None]
+    elif len(pieces) > 1:
+        center = states.mean(0, keepdim=True)
+    else:
+        center = torch.zeros_like(v)
+    cos = torch.nn.functional.cosine_similarity(states - center, (v - center).expand_as(states), dim=-1)
+    return [(p, round(float(c), 3)) for p, c in zip(pieces, cos.tolist())]
 
 
 @gpu(duration=gpu_seconds)
 def run_verbalize(card_id: str, text: str, layer: int | None, k: int, tau: float | None, temperature: float,
                   seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, strategy: str | None = None,
-                  progress: Any = None) -> dict[str, Any]:
+                  position: int | None = None, progress: Any = None) -> dict[str, Any]:
     """Verbalize on the card's device. Returns plain CPU data only: ``{"result": Verbalization.to_dict(),
     "heat": [(token, value), ...]}``, or ``{"error": message}`` for a user error (so that on ZeroGPU the
     message survives the trip back from the worker process instead of becoming "ZeroGPU worker error")."""
@@ -295,8 +306,8 @@ def run_verbalize(card_id: str, text: str, layer: int | None, k: int, tau: float
         oc, max_new_tokens = _opened_with_length(card_id, max_new_tokens)
         res = oc.verbalize(text=text, layer=layer, k=k, tau=tau, temperature=temperature,
                            max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, progress=_progress_fn(progress),
-                           strategy=strategy)
-        return {"result": res.to_dict(), "heat": token_heat(oc, text, res.layer)}
+                           strategy=strategy, position=position)
+        return {"result": res.to_dict(), "heat": token_heat(oc, text, res.layer, position)}
     except NLAInputError as exc:
         return {"error": str(exc)}
 
@@ -322,7 +333,7 @@ def verbalize(req: Request, progress: Callable[..., Any] | None = None) -> tuple
     """Open the card in the main process (once), then run the GPU function; user errors raise NLAInputError."""
     get_open(req.card)
     out = run_verbalize(req.card, req.text, req.layer, req.k, req.tau, req.temperature, req.seed,
-                        req.greedy, req.max_new_tokens, req.strategy, progress=progress)
+                        req.greedy, req.max_new_tokens, req.strategy, req.position, progress=progress)
     if "error" in out:
         raise NLAInputError(out["error"])
     return out["result"], out["heat"]

@@ -1,7 +1,7 @@
 """ZeroGPU glue: ``spaces.GPU`` when the package is installed, a no-op decorator otherwise.
 
 ``app.py`` imports :mod:`spaces` before torch (on ZeroGPU that import patches torch). Here we only
-*use* it: off-Space ``spaces.GPU`` already returns the function unchanged (ecosystem.md §1.3), and
+*use* it: off-Space ``spaces.GPU`` already returns the function unchanged (the ``spaces`` package; see docs/references.md), and
 without the package at all :func:`gpu` falls back to the identity, so the same code runs on a
 laptop, in CI, on a CUDA Space and on a ZeroGPU Space.
 """

@@ -78,6 +78,14 @@ def card_changed(card_id: str) -> tuple[Any, Any]:
             gr.update(value=card.default_tau))
 
 
+def _read_at(result: dict[str, Any]) -> str:
+    """A line naming the token read, when the request picked one (a click on the heat map, ``position``)."""
+    pos = result.get("position")
+    if pos is None or result.get("read_token") is None:
+        return ""
+    return f"**Read at token {pos}** (“{result['read_token'].strip() or result['read_token']}”); click another token to read it.\n\n"
+
+
 def render(result: dict[str, Any], heat: list[tuple[str, float]]) -> tuple[Any, ...]:
     """All Verbalize-tab outputs for one result."""
     try:
@@ -89,7 +97,7 @@ def render(result: dict[str, Any], heat: list[tuple[str, float]]) -> tuple[Any, 
     return (
         views.badge_html(result),
         views.best_text(result),
-        views.notes_markdown(result),
+        _read_at(result) + views.notes_markdown(result),
         views.compass_markdown(result),
         heat,
         views.candidates_frame(result),

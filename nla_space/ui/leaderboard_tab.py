@@ -1,7 +1,7 @@
 """The Leaderboard tab: published numbers beside reproduced ones, K-curves, bars and findings.
 
 Reads :func:`nla_space.leaderboard.load_leaderboard` (imported lazily); native components only
-(``gradio_leaderboard`` does not support Gradio 6, ecosystem.md §2.6).
+(``gradio_leaderboard`` does not support Gradio 6: https://github.com/gradio-app/gradio/issues/12449).
 """
 
 from __future__ import annotations
@@ -147,6 +147,19 @@ def findings_frame(lb: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=FINDING_COLUMNS)
 
 
+FINDINGS_INTRO = (
+    "### Findings\n"
+    "The comparison across backbones: how fast best-of-K rises per doubling of K, whether reranking by the AV's own "
+    "log-probability beats greedy, whether best-of-64 beats nearest-neighbour retrieval, and whether centering "
+    "changes the verdict. Rows marked *published* come from the cards' model cards; *reproduced* rows were run by "
+    "this project's harness (`nla-eval`), with the run's settings in each row.\n\n"
+    "**The hub cards (Qwen2.5-7B, Llama-3.2-3B, Gemma-2-2B, Phi-4) cannot be re-run on this project's machines**, "
+    "which cannot download their weights; their rows are as published. Where the weights can be downloaded, "
+    "`nla-eval targets`, then `centered-eval`, `rerank-eval` and `oracle-ceiling` with `--card <hub id>` reproduce "
+    "them (docs/evals.md), and `nla-eval leaderboard` adds them here."
+)
+
+
 def build() -> None:
     lb = load()
     df = rows_frame(lb)
@@ -157,6 +170,9 @@ def build() -> None:
     if lb.get("error"):
         head += f"\n\n⚠️ The leaderboard data could not be read: {lb['error']}"
     gr.Markdown(head, elem_classes=["nla-chrome"])
+    gr.Markdown(FINDINGS_INTRO)
+    gr.Dataframe(value=findings_frame(lb), label="Findings: our embedded backbones beside the published cards",
+                 elem_id="lb-findings", interactive=False, wrap=True)
     with gr.Row():
         f_backbone = gr.Dropdown(sorted(df["backbone"].dropna().unique().tolist()), multiselect=True, label="Backbone",
                                  elem_id="lb-backbone")
@@ -184,5 +200,3 @@ def build() -> None:
             gr.LinePlot(value=kcurve_frame(lb), x="log2 K", y="score_cen", color="series", y_lim=[0, 1],
                         x_title="log2 K (K = 1, 2, 4, …, 64 samples)", y_title="oracle best-of-K (centered)",
                         label="K-curves per card", elem_id="lb-kcurves", tooltip=["series", "K", "score_cen"])
-    gr.Dataframe(value=findings_frame(lb), label="Findings (per card and origin)", elem_id="lb-findings",
-                 interactive=False, wrap=True)

@@ -8,15 +8,26 @@ from typing import Any
 
 import gradio as gr
 
-from ..cards import REPO_ROOT, find_card
+from ..cards import ASSETS_DIR, find_card
 from . import engine, handlers, views
 
-EXAMPLES_FILE = REPO_ROOT / "assets" / "examples.json"
+EXAMPLES_FILE = ASSETS_DIR / "examples.json"
 DEFAULT_K = 16  #: the API default too (api_verbalize)
 
 
+#: The heat map's colour scale: Gradio shades a negative score purple and a positive one red, by its magnitude.
+HEAT_LEGEND = (
+    '<div class="heat-legend" style="display:flex;align-items:center;gap:.5em;font-size:.85em">'
+    "<span>−1 opposite to v</span>"
+    '<span style="flex:0 0 160px;height:.8em;border-radius:3px;'
+    'background:linear-gradient(to right,rgb(128,90,213),white,rgb(239,68,60))"></span>'
+    "<span>+1 same direction as v</span>"
+    "<span style=\"opacity:.75\">· the token read is marked 1.0</span></div>"
+)
+
+
 def load_examples(path: Path = EXAMPLES_FILE) -> list[dict[str, str]]:
-    """The curated examples (``assets/examples.json``); an empty list if the file is missing."""
+    """The curated examples (``nla_space/assets/examples.json``); an empty list if the file is missing."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -73,8 +84,10 @@ def build(concurrency: int) -> dict[str, Any]:
                               buttons=["copy"])
             notes = gr.Markdown(elem_id="notes")
             compass = gr.Markdown(elem_id="compass")
-            heat = gr.HighlightedText(label="Input tokens: cosine of each token's state to v, the read vector at the last token (centered by μ, or by this text's mean state)",
+            heat = gr.HighlightedText(label="Input tokens: cosine of each token's state to v, the state read (centered by μ, "
+                                            "or by this text's mean state). Click a token to verbalize its state.",
                                       elem_id="heat", combine_adjacent=False, show_legend=False)
+            gr.HTML(HEAT_LEGEND, elem_id="heat-legend")
     with gr.Row():
         with gr.Column(scale=6):
             table = gr.Dataframe(headers=views.CANDIDATE_COLUMNS, label="Candidates (sorted by score; ★ = oracle pick, ◆ = compass pick)",
@@ -116,6 +129,17 @@ def build(concurrency: int) -> dict[str, Any]:
     ev2 = text.submit(on_run, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,
                       api_visibility="private", show_progress="full")
 
+    def on_token(text: str, card: str, layer: Any, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
+                 strategy: str, evt: gr.SelectData, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+        """A click on a heat-map token: verbalize the state at that token (its index among the text's tokens)."""
+        result, heat_ = handlers.run_checked(progress=progress, text=text, card=card, layer=layer, k=k, tau=tau,
+                                             temperature=temperature, seed=seed, greedy=greedy, strategy=strategy,
+                                             position=int(evt.index))
+        return handlers.render(result, heat_)
+
+    ev4 = heat.select(on_token, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,
+                      api_visibility="private", show_progress="full")
+
     def on_sweep(text: str, card: str, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
                  progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
         return handlers.sweep_ui(text, card, k, tau, temperature, seed, greedy, progress=progress)
@@ -129,5 +153,5 @@ def build(concurrency: int) -> dict[str, Any]:
         return shown, shown
 
     s["card"].change(on_card, s["card"], [sweep, sweep_box], queue=False, api_visibility="private")
-    stop.click(None, None, None, cancels=[ev, ev2, ev3], queue=False, api_visibility="private")
+    stop.click(None, None, None, cancels=[ev, ev2, ev3, ev4], queue=False, api_visibility="private")
     return {"text": text, "run": run, "sweep": sweep, "best": best, **s}

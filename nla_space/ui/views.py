@@ -11,6 +11,10 @@ from typing import Any
 import pandas as pd
 
 from ..cards import Card
+from ..cards.sections import AnchorsSection
+
+#: note kinds (:data:`nla_space.policy.NOTE_KINDS`) that :func:`notes_markdown` states from ``trained``/``centered`` instead
+SHOWN_ABOVE = ("untrained", "uncentered")
 
 CANDIDATE_COLUMNS = ["rank", "chosen", "specificity", "score (centered)", "score (raw)", "compass f", "candidate"]
 
@@ -49,8 +53,8 @@ def notes_markdown(result: dict[str, Any]) -> str:
     if not result.get("centered", False):
         lines.append("Scores are raw fve_nrm (the card has no μ), not centered; the raw floor sits well above 0.5.")
     for n in result.get("notes", []):
-        if not n.startswith("untrained") and not n.startswith("no μ"):
-            lines.append(f"Note: {n}")
+        if n["kind"] not in SHOWN_ABOVE:
+            lines.append(f"Note: {n['text']}")
     return "\n\n".join(lines)
 
 
@@ -119,7 +123,8 @@ def timings_markdown(result: dict[str, Any]) -> str:
 def score_plot(result: dict[str, Any], card: Card | None = None) -> Any:
     """A matplotlib Figure: the K scores (sorted), the τ line, and the card's floor and ceiling.
 
-    The anchors are on the centered scale, so they are drawn only for centered scores.
+    Each anchor is drawn on its own scale only: ``random_floor_cen``/``ceiling_cen`` for centered fve
+    scores, ``random_floor_conf``/``ceiling_conf`` for calibrated confidences.
     """
     from matplotlib.figure import Figure
 
@@ -134,14 +139,18 @@ def score_plot(result: dict[str, Any], card: Card | None = None) -> Any:
     colors = ["#4f46e5" if i == result["best_index"] else "#a5b4fc" for i in order]
     ax.bar(range(1, len(scores) + 1), scores, color=colors)
     ax.axhline(result["tau"], color="#dc2626", linestyle="--", linewidth=1.5, label=f"τ = {result['tau']:.2f}")
-    anchors = (card.anchors if card is not None else {}) or {}
-    if centered and anchors.get("random_floor_cen") is not None:
-        ax.axhline(anchors["random_floor_cen"], color="#6b7280", linestyle=":", linewidth=1.5,
-                   label=f"random floor {anchors['random_floor_cen']:.2f}")
-    if centered and anchors.get("ceiling_cen") is not None:
-        ax.axhline(anchors["ceiling_cen"], color="#059669", linestyle="-.", linewidth=1.5,
-                   label=f"ceiling {anchors['ceiling_cen']:.2f} ({anchors.get('ceiling_name', '')})")
-    lo = min(scores + [result["tau"]] + ([anchors.get("random_floor_cen")] if centered and anchors.get("random_floor_cen") else []))
+    anchors = card.anchors if card is not None else AnchorsSection()
+    if centered:
+        floor, ceiling, ceiling_name, floor_name = anchors.random_floor_cen, anchors.ceiling_cen, anchors.ceiling_name, "random floor"
+    elif calibrated:
+        floor, ceiling, ceiling_name, floor_name = anchors.random_floor_conf, anchors.ceiling_conf, anchors.ceiling_conf_name, "unrelated text"
+    else:  # raw scores: the anchors are on other scales
+        floor = ceiling = ceiling_name = floor_name = None
+    if floor is not None:
+        ax.axhline(floor, color="#6b7280", linestyle=":", linewidth=1.5, label=f"{floor_name} {floor:.2f}")
+    if ceiling is not None:
+        ax.axhline(ceiling, color="#059669", linestyle="-.", linewidth=1.5, label=f"ceiling {ceiling:.2f} ({ceiling_name or ''})")
+    lo = min(scores + [result["tau"]] + ([floor] if centered and floor is not None else []))
     ax.set_ylim(0.0 if calibrated else max(0.0, min(0.5, lo - 0.05)), 1.0)
     ax.set_xlabel("candidate (sorted by score; dark = chosen)")
     ax.set_ylabel("confidence (calibrated)" if calibrated else f"fve_nrm ({'centered' if centered else 'raw'})")

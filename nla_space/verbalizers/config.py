@@ -1,15 +1,16 @@
-"""``NLAConfig``: the SRT verbalizer config, field for field (``srt.md`` §2).
+"""``NLAConfig``: the SRT verbalizer config, field for field (``srt/nla/config.py`` of https://github.com/space-bacon/SRT).
 
-JSON form: one flat object with these field names. Reading drops unknown keys and fills missing
-ones with the defaults, so every released ``config.json`` (older ones lack ``use_layer_embed`` and
-``inject_norm``) loads. Writing emits every field, sorted.
+JSON form: one flat object with these field names. The backbone, its dtype and the layer are
+required (they are the card's facts: no config stands for a model it does not name); reading drops
+unknown keys and fills the other missing ones with the defaults, so every released ``config.json``
+(older ones lack ``use_layer_embed`` and ``inject_norm``) loads. Writing emits every field, sorted.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,12 @@ log = logging.getLogger(__name__)
 INJECT_NORMS = ("none", "embed", "center_embed")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class NLAConfig:
-    backbone_id: str = "Qwen/Qwen2.5-7B"
-    backbone_dtype: str = "bfloat16"
+    backbone_id: str
+    backbone_dtype: str
     #: Index into ``hidden_states`` (0 = embeddings); see :mod:`nla_space.activations`.
-    extraction_layer: int = 20
+    extraction_layer: int
     d_vector: int | None = None
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -53,6 +54,9 @@ class NLAConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             log.debug("NLAConfig: ignoring unknown keys %s", unknown)
+        missing = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING and name not in data]
+        if missing:
+            raise ValueError(f"NLAConfig: missing {', '.join(missing)} (required: the config names its backbone and layer)")
         kwargs = {k: v for k, v in data.items() if k in known}
         cfg = cls(**kwargs)
         cfg.validate()
@@ -80,6 +84,9 @@ class NLAConfig:
             if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
                 raise ValueError(f"NLAConfig.{name} must be an integer in [{lo}, {hi}], got {val!r}")
 
+        for name in ("backbone_id", "backbone_dtype"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"NLAConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
         _int("extraction_layer", 0, 4096)
         _int("num_prefix_tokens", 0, 4096)
         _int("num_inject_slots", 1, 64)

@@ -15,7 +15,7 @@ Design (measured against the prefix AV before it was chosen; see ``docs/training
 
     Zero-shot (no LoRA) the patch already lowers the CE of a text given its own ``v`` versus a
     shuffled one; the LoRA is trained with token CE on natural text windows
-    (:mod:`eval_harness.train_patch`).
+    (:mod:`eval_harness.train.patch`).
 
 Text conventions
     The AV's input is ``[BOS] + tokens(text)`` exactly as :func:`nla_space.activations.encode_text`

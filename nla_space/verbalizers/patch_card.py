@@ -1,5 +1,6 @@
-"""A patch card opened for use (:mod:`nla_space.verbalizers.patch`): the prefix card's verbalize flow with
-the patch AV's rollout, its free per-token states for guided decoding, and its read-like-a-text scoring.
+"""A patch card opened for use (:mod:`nla_space.verbalizers.patch`, kind ``patch``): a raw-text reader
+(:class:`nla_space.verbalizers.base.RawTextCard`) with the patch AV's rollout, its free per-token states
+for guided decoding, and its read-like-a-text scoring; ``verbalize`` is the base class's.
 
 Card file (kind ``"patch"``)::
 
@@ -23,14 +24,16 @@ from typing import Any, Iterator
 
 import torch
 
-from .. import activations, guided, policy
+from .. import activations, guided
 from ..backbone import Backbone, load_backbone
+from ..card_files import card_files, load_card_mu, open_compass
 from ..cards import Card
+from ..cards.sections import PatchSection
 from ..errors import CheckpointError, NLAInputError
 from ..kv_cache import preallocated_cache, reorder_cache
 from ..rollout import Rollout, request_generator, sample
-from ..runtime import OpenCard, _card_files, _load_mu, _open_compass
-from ..specificity import Calibration, Specificity, load_pool
+from ..specificity import Specificity, load_pool
+from .base import RawTextCard
 from .patch import PatchSpec, ResidualPatch, attach, read_spec
 
 log = logging.getLogger(__name__)
@@ -85,19 +88,18 @@ class PatchStepper:
 
 
 @dataclass
-class OpenPatchCard(OpenCard):
-    av: PatchAV  # type: ignore[assignment]
+class OpenPatchCard(RawTextCard):
+    """A patch card opened for use: its private backbone (the LoRA attached above ℓ), the patch AV, μ and pool."""
+
+    av: PatchAV
 
     @property
     def top_p(self) -> float:
         return float(self.av.spec.top_p)
 
     @property
-    def default_max_new_tokens(self) -> int:
-        return max(1, min(policy.MAX_NEW_TOKENS, int(self.av.spec.max_new_tokens)))
-
-    def with_dtype(self, dtype: str | torch.dtype) -> "OpenCard":
-        raise CheckpointError("a patch card runs on its own backbone copy; open it with --dtype instead")
+    def av_max_new_tokens(self) -> int:
+        return int(self.av.spec.max_new_tokens)
 
     def _text_rows(self, roll: Rollout) -> list[list[int]]:
         stops = set(self.backbone.stop_ids)
@@ -134,16 +136,13 @@ class OpenPatchCard(OpenCard):
         finally:
             stepper.close()
 
-    def token_states(self, text: str, layer: int) -> tuple[list[str], torch.Tensor]:
-        return activations.token_states(self.backbone, text, layer)
-
 
 def _private_backbone(card: Card, folder: Path, spec: PatchSpec, device: str | None, dtype: str | None) -> tuple[Backbone, Any]:
     key = (str(folder.resolve()), str(device), str(dtype))
     with _OPENED_LOCK:
         if key not in _OPENED:
-            bb = load_backbone(card.backbone_id, revision=card.backbone.get("revision"), device=device, dtype=dtype,
-                               default_dtype=card.backbone.get("dtype"))
+            bb = load_backbone(card.backbone_id, revision=card.backbone.revision, device=device, dtype=dtype,
+                               default_dtype=card.backbone.dtype)
             _OPENED[key] = (bb, attach(bb, spec, folder))
         return _OPENED[key]
 
@@ -153,7 +152,7 @@ def open_patch_card(card: Card, backbone: str | None = None, device: str | None 
     """Open a patch card: its private backbone with the LoRA attached, μ, the specificity pool and calibration."""
     if backbone is not None or revision is not None:
         raise NLAInputError(f"card {card.id}: a patch AV is trained on its own backbone; --backbone/--revision cannot replace it")
-    folder = _card_files(card)
+    folder = card_files(card)
     if folder is None:
         raise CheckpointError(f"card {card.id}: no AV folder")
     spec = read_spec(folder)
@@ -162,18 +161,15 @@ def open_patch_card(card: Card, backbone: str | None = None, device: str | None 
     bb, pm = _private_backbone(card, folder, spec, device, dtype)
     av = PatchAV(spec=spec, patch=ResidualPatch(bb, spec.layer), peft_model=pm, d_vec=bb.hidden_size)
     notes: list[str] = []
-    mu = _load_mu(folder, card, spec.layer)
-    section = card.patch
+    mu = load_card_mu(folder, card, spec.layer)
+    section = card.patch or PatchSection()
     specificity = None
-    pool_file = section.get("pool_file")
-    if pool_file and mu is not None:
-        calib = section.get("calibration")
-        calibration = Calibration.from_dict(calib, f"{card.source_file}: patch.calibration") if calib else None
-        specificity = Specificity.from_pool(load_pool(folder / pool_file), mu, calibration)
+    if section.pool_file and mu is not None:
+        calibration = section.calibration
+        specificity = Specificity.from_pool(load_pool(folder / section.pool_file), mu, calibration)
         if calibration is None:
             notes.append("no calibration: answers are ranked by specificity, hedged by the centered score")
-    compass, compass_tau = _open_compass(card, folder, notes)
+    compass, compass_tau = open_compass(card, folder, notes)
     return OpenPatchCard(card=card, backbone=bb, av=av, trained=True, mu=mu, notes=notes, compass=compass, compass_tau=compass_tau,
-                         specificity=specificity, default_strategy=str(section.get("default_strategy", "best-of-k")),
-                         guided_beta=float(section.get("guided_beta", guided.DEFAULT_BETA)),
-                         guided_prefixes=bool(section.get("guided_prefixes", True)))
+                         specificity=specificity, default_strategy=section.default_strategy,
+                         guided_beta=section.guided_beta, guided_prefixes=section.guided_prefixes)

@@ -1,4 +1,4 @@
-"""SRT-family prefix activation verbalizer (``srt.md`` §1).
+"""SRT-family prefix activation verbalizer (``srt/nla/verbalizer.py`` of https://github.com/space-bacon/SRT).
 
 Given a target ``v ∈ R^d`` the AV builds the soft input sequence
 
@@ -10,7 +10,7 @@ embedding-table rows, for backbones whose residual norms are far from the token 
 ``center_embed`` (``v − inject_mu`` rescaled to that norm, where ``inject_mu`` is a stored buffer
 holding the anisotropy mean μ of the training targets: on SmolLM2 layer 21 two dimensions of μ
 carry most of ‖v‖ and raw targets share cos ≈ 0.54, so without centering every injected vector
-looks alike; measured in ``assets/cards/smollm2-135m-L21/TRAINING.md``). Parameter names match the reference
+looks alike; measured in ``nla_space/assets/cards/smollm2-135m-L21/TRAINING.md``). Parameter names match the reference
 ``state_dict`` exactly (``proj``, ``prefix_embeds``, ``proj_extra``, ``prefix_mlp``, ``layer_embed``)
 so a published ``best_av.pt`` loads. Adapter parameters are float32; :meth:`PrefixAV.embeds`
 casts to the backbone dtype at the boundary and multiplies by the backbone's embedding scale
