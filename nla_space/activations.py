@@ -155,10 +155,12 @@ def encode_text(backbone: Backbone, text: str, max_tokens: int | None = None) ->
 @dataclass(frozen=True)
 class ReadToken:
     """The token a text is read at: ``index`` into the text's tokens (see "Read position"; None when
-    it is a template token, not one of the text's) and its text ``piece``."""
+    it is a template token, not one of the text's), its text ``piece``, and whether it is the last
+    token the card would read without a position (``inner=False``)."""
 
     index: int | None
     piece: str
+    inner: bool = False
 
 
 def resolve_position(position: int | None, n_tokens: int) -> int:
@@ -182,7 +184,7 @@ def read_ids(backbone: Backbone, text: str, position: int | None = None, max_tok
     start = 1 if backbone.bos_id is not None else 0
     p = resolve_position(position, ids.shape[1] - start)
     at = start + p
-    return ids[:, : at + 1], ReadToken(p, backbone.tokenizer.decode([int(ids[0, at])]))
+    return ids[:, : at + 1], ReadToken(p, backbone.tokenizer.decode([int(ids[0, at])]), inner=at < ids.shape[1] - 1)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -189,6 +189,12 @@ def test_calibrated_card_hedges_by_confidence(tmp_path) -> None:
     assert res.hedged == (res.best.confidence < 0.5)
     assert res.best.confidence == pytest.approx(float(torch.sigmoid(torch.tensor(2.0 * res.best.specificity - 4.0))), abs=1e-6)
     assert "among 40" in res.to_dict()["confidence_meaning"]
+    assert not any(n.kind == "out-of-distribution" for n in res.notes)
+    # an inner token: the confidence is not calibrated there, and the result says so
+    inner = oc.verbalize(text="one two three", k=3, seed=0, position=0)
+    assert inner.position == 0 and any(n.kind == "out-of-distribution" for n in inner.notes)
+    last = oc.verbalize(text="one two three", k=3, seed=0, position=-1)
+    assert not any(n.kind == "out-of-distribution" for n in last.notes)
 
 
 def test_patch_spec_and_card_refuse_bad_files(tmp_path) -> None:

@@ -61,13 +61,15 @@ class TargetSet:
         return anisotropy_mu(self.vectors[idx])
 
 
-def assign_splits(n: int, fractions: dict[str, float], seed: int) -> list[str]:
-    """A seeded random split of ``n`` rows by the given fractions (the rest goes to ``train``)."""
+def assign_splits(n: int, fractions: dict[str, float], seed: int, named: tuple[str, ...] = ("test", "mu_pool", "val"),
+                  rest: str = "train") -> list[str]:
+    """A seeded random split of ``n`` rows: the splits in ``named`` take their rounded fraction of a
+    seeded permutation, in that order; the rest goes to ``rest``."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=g).tolist()
-    names = ["train"] * n
+    names = [rest] * n
     start = 0
-    for name in ("test", "mu_pool", "val"):
+    for name in named:
         count = int(round(fractions.get(name, 0.0) * n))
         for i in order[start : start + count]:
             names[i] = name

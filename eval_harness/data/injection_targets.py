@@ -65,6 +65,8 @@ from nla_space.io import atomic_write_json, atomic_write_text, save_tensors, jso
 from nla_space.rollout import sample
 from nla_space.verbalizers.injection import InjectionSpec, input_ids_for_text, nearest_depth_pct, resolve_spec
 
+from .dataset import assign_splits
+
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("av_sft", "ar_sft", "rl", "heldout")
@@ -241,15 +243,7 @@ def split_texts(n: int, fractions: dict[str, float], seed: int) -> list[str]:
     bad = set(fractions) - set(SPLIT_NAMES)
     if bad or abs(sum(fractions.values()) - 1.0) > 1e-6:
         raise NLAInputError(f"split fractions must name {SPLIT_NAMES} and sum to 1, got {fractions}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    names = ["av_sft"] * n
-    start = 0
-    for name in ("heldout", "rl", "ar_sft"):
-        count = int(round(fractions.get(name, 0.0) * n))
-        for i in order[start : start + count]:
-            names[i] = name
-        start += count
-    return names
+    return assign_splits(n, fractions, seed, named=("heldout", "rl", "ar_sft"), rest="av_sft")
 
 
 def _shard_paths(out: Path, i: int) -> tuple[Path, Path]:

@@ -273,6 +273,10 @@ class OpenedCard(abc.ABC):
             raise NLAInputError("a position names a token of a text; a raw vector has none", field="position")
         token = self.read_token(text, position) if text is not None else None
         notes = self.card_notes(layer) + self.request_notes(text, layer, position)
+        if token is not None and token.inner and self.specificity is not None and self.specificity.calibration is not None:
+            notes.append(Note("out-of-distribution", f"read at an inner token ({token.index}): the confidence was calibrated on "
+                                                     "whole texts read at their last token, so here it is not a calibrated "
+                                                     "probability (an inner token's state is dominated by the words just before it)"))
         mu = self.mu_at(layer)
 
         def read() -> torch.Tensor:

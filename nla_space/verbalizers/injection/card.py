@@ -132,7 +132,7 @@ class OpenInjectionCard(OpenedCard):
         else:
             index = activations.resolve_position(position, len(own))
             at = own[index]
-        return ids[: at + 1], ReadToken(index, tok.decode([ids[at]]))
+        return ids[: at + 1], ReadToken(index, tok.decode([ids[at]]), inner=at < len(ids) - 1)
 
     def read_token(self, text: str, position: int | None = None) -> ReadToken:
         return self._ids(text, position)[1]
