@@ -239,3 +239,61 @@ def test_every_eval_declares_its_kinds_and_refuses_others_before_any_work(tmp_pa
             assert not [f for f in work.rglob("*") if f.is_file()]
             refused += 1
     assert refused >= 4  # centered-eval and rerank-eval refuse patch and injection cards, bench too
+
+
+def test_a_new_kind_is_its_own_module_plus_one_registry_line(tmp_path, monkeypatch) -> None:
+    """ARCHITECTURE.md, recipe 1: a kind defined here — a *blind* verbalizer that ignores v and lets the
+    backbone write from BOS, the floor any real AV must beat — gets every strategy, the read position,
+    the heat map and the CLI's JSON contract from the interface, with one line in CARD_KINDS."""
+    import contextlib
+    import json
+    from dataclasses import dataclass
+
+    from nla_space import guided
+    from nla_space.backbone import shared_backbone
+    from nla_space.reencode import reencode_ids
+    from nla_space.rollout import Rollout, request_generator, sample
+    from nla_space.verbalizers.base import RawTextCard
+
+    @dataclass
+    class BlindCard(RawTextCard):
+        top_p: float = 1.0
+        av_max_new_tokens: int = 6
+
+        def _bos(self, n: int) -> torch.Tensor:
+            emb = self.backbone.model.get_input_embeddings()
+            return emb(torch.tensor([[self.backbone.bos_id]] * n))
+
+        def rollout(self, v, k, temperature, max_new_tokens, greedy, seed, layer) -> Rollout:
+            gen = request_generator(seed, self.backbone.device)
+            return sample(self.backbone, self._bos(1 if greedy else k), max_new_tokens, temperature=temperature, greedy=greedy,
+                          generator=gen)
+
+        @contextlib.contextmanager
+        def search_parts(self, v, layer, k, max_new_tokens):
+            yield (guided.EmbedsStepper(self.backbone, self._bos(1), max_new_tokens),
+                   guided.ReencodeTracker(self.backbone, layer, max_new_tokens))
+
+        def reconstruct(self, roll: Rollout, layer: int) -> torch.Tensor:
+            return reencode_ids(self.backbone, layer, roll.ids, roll.mask).float()
+
+        def reconstruct_texts(self, texts, layer):
+            return torch.stack([self.read(t, layer) for t in texts])
+
+    def open_blind_card(card, backbone=None, device=None, revision=None, dtype=None) -> BlindCard:
+        bb = shared_backbone(backbone or card.backbone_id, device=device)
+        return BlindCard(card=card, backbone=bb, av=None, trained=True, mu=None)
+
+    monkeypatch.setitem(CARD_KINDS, "blind", open_blind_card)  # the one registry line
+    bb_folder = tiny.save_backbone(tmp_path / "bb")
+    card_file = tmp_path / "blind.json"
+    card_file.write_text(json.dumps({"id": "test/blind", "kind": "blind", "backbone": {"id": str(bb_folder)}, "layers": [2]}))
+    oc = open_card(str(card_file))
+    assert isinstance(oc, BlindCard)
+    for strategy in STRATEGIES:
+        res = oc.verbalize(text=TEXT, k=3, seed=0, strategy=strategy, max_new_tokens=4)
+        assert res.strategy == strategy and res.best.text == res.candidates[res.best_index].text
+    at = oc.verbalize(text=TEXT, k=2, seed=0, position=1, max_new_tokens=4)
+    assert at.position == 1 and at.read_token.strip() == WORDS[1]
+    assert len(engine.token_heat(oc, TEXT, 2)) == n_text_tokens(oc)
+    assert {"card", "candidates", "position", "read_token", "notes"} <= set(res.to_dict())
