@@ -193,7 +193,6 @@ def test_prepacked_bfloat16_linears_give_the_same_bits(arch):
 
 
 def test_a_packed_linear_follows_weight_changes_and_autograd():
-    from nla_space import cpu_bf16
 
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no oneDNN bfloat16 support")

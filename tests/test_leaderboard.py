@@ -4,7 +4,6 @@ results files, ρ with each card's own anchors, K-curves, findings, markdown and
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

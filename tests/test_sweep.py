@@ -5,7 +5,6 @@ Phi-3 release with a depth template) and a tiny single-layer prefix card."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -48,7 +48,7 @@ from nla_space.backbone import Backbone
 from nla_space.errors import NLAInputError
 from nla_space.hub import load_state_dict
 from nla_space.io import atomic_write_json, atomic_write_text, save_tensors, jsonl_lines
-from nla_space.rollout import eos_inclusive_mask, sample
+from nla_space.rollout import sample
 
 from .dataset import SPLITS, TargetSet, assign_splits, write_target_set
 

@@ -28,7 +28,6 @@ Conventions (stated once here; the commands cite them):
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from dataclasses import dataclass
