@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from nla_space.activations import pad_rows
 from nla_space.backbone import Backbone
 from nla_space.cards import Card, builtin_cards
 from nla_space.cards.sections import BaseModelRef, InjectionSection, ReconstructorSection
@@ -131,23 +132,13 @@ def depth_layers(n_blocks: int, bands: tuple[int, ...] | list[int] | None = None
 # ------------------------------------------------------------------------------------ extraction
 
 
-def _pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 @torch.inference_mode()
 def extract_layers(backbone: Backbone, spec: InjectionSpec, texts: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
     """``{ℓ: (N, d) float32}``: ``hidden_states[ℓ]`` at the last token of each text's input ids
     (:func:`input_ids_for_text`), one right-padded forward for all layers. Call it with any LoRA
     adapter disabled: the activation is the base model's."""
     rows = [input_ids_for_text(backbone.tokenizer, spec, t) for t in texts]
-    ids, mask = _pad_right(rows, backbone.pad_id)
+    ids, mask = pad_rows(rows, backbone.pad_id)
     dev = backbone.device
     out = backbone.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True, use_cache=False)
     last = mask.sum(dim=1) - 1

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nla_space.activations import pad_rows
 from nla_space.backbone import Backbone
 from nla_space.errors import NLAInputError
 from nla_space.hub import load_state_dict
@@ -110,13 +111,7 @@ def pad_gold(rows: list[list[int]], pad_id: int, max_len: int) -> tuple[torch.Te
     rows = [r[:max_len] for r in rows]
     if any(len(r) == 0 for r in rows):
         raise ValueError("a gold row is empty")
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
+    return pad_rows(rows, pad_id)
 
 
 def sft_loss(av: PrefixAV, backbone: Backbone, v: torch.Tensor, gold: torch.Tensor, gold_mask: torch.Tensor) -> torch.Tensor:

@@ -320,12 +320,13 @@ class RawTextCard(OpenedCard):
     trained: bool
     mu: torch.Tensor | None
     notes: list[str] = field(default_factory=list)
-    compass: CompassScorer | None = None
-    compass_tau: float = 0.30
-    specificity: Specificity | None = None
-    default_strategy: str = "best-of-k"
-    guided_beta: float = guided.DEFAULT_BETA
-    guided_prefixes: bool = True
+    # the interface's optional attributes as dataclass fields, with the interface's own defaults
+    compass: CompassScorer | None = OpenedCard.compass
+    compass_tau: float = OpenedCard.compass_tau
+    specificity: Specificity | None = OpenedCard.specificity
+    default_strategy: str = OpenedCard.default_strategy
+    guided_beta: float = OpenedCard.guided_beta
+    guided_prefixes: bool = OpenedCard.guided_prefixes
 
     @property
     def d_vec(self) -> int:
