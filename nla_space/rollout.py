@@ -51,11 +51,16 @@ def eos_inclusive_mask(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
 
 def pick_next(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
     """The next token of each row: argmax when ``greedy`` (or T = 0), else a draw at ``temperature`` within ``top_p``."""
-    if greedy or temperature <= 0:
+    if greedy or temperature < torch.finfo(torch.float32).tiny:  # a T that is 0 in float32 is T = 0
         return logits.argmax(dim=-1)
     logits = logits.float()
     if temperature != 1.0:  # x / 1.0 == x: skipping it changes no bit and saves a pass over (B, vocab)
-        logits = logits / temperature
+        scaled = logits / temperature
+        if not torch.isfinite(scaled.amax(dim=-1)).all():
+            # T so small that x / T overflows: divide the max-shifted logits instead (the same softmax,
+            # whose limit is the argmax); only taken when the plain division is not finite
+            scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+        logits = scaled
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
