@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     pool = write_pool(bb, spec_layer, args.corpus, av_folder)
     old = read_card_json(args.card_file)
     calibration = old.get("patch", {}).get("calibration")
-    keep = {k: old[k] for k in ("training", "heldout", "compass", "anchors", "published") if k in old}
+    keep = {k: old[k] for k in ("license", "training", "heldout", "compass", "anchors", "published") if k in old}
     keep.setdefault("training", {})["pool"] = pool
 
     def make(cal: dict | None) -> dict:

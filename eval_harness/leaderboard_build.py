@@ -32,10 +32,11 @@ from __future__ import annotations
 import logging
 import math
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterable
 
 from nla_space.cards import Card, builtin_cards
-from nla_space.leaderboard import CARD_META_KEYS, Source, curve, finite, other_published, published_source
+from nla_space.leaderboard import CARD_META_KEYS, FINDINGS_NOTE, Source, curve, finite, other_published, published_source
 from nla_space.scoring import rho
 
 from .evals import EVALS, EvalTask, Metric
@@ -172,7 +173,7 @@ def _row_key(metric: Metric, src: Source) -> tuple[str, int | None] | None:
 def _meta_summary(meta: dict[str, Any]) -> dict[str, Any]:
     keep = ("command", "path", "card", "backbone", "backbone_revision", "layer", "M", "K", "pool_size", "seed",
             "temperature", "max_new_tokens", "targets", "targets_split", "mu_source", "trained", "limit",
-            "git_commit", "device", "wall_time_s", "finished", "note", "av_weights")
+            "git_commit", "device", "wall_time_s", "finished", "note", "av_weights", "source")
     return {k: meta[k] for k in keep if k in meta}
 
 
@@ -228,7 +229,9 @@ def build_leaderboard(results: Iterable[dict[str, Any]] = (), cards: list[Card] 
             if src is None or not src.tables and not src.kcurve:
                 continue
             kcurves += [{"card": cid, "origin": origin, "K": k, "score_cen": _r(s)} for k, s in src.kcurve.items()]
-            found.append({"card": cid, "origin": origin, **findings(src)})
+            f = findings(src)
+            if any(v is not None for v in f.values()):  # a card with only other evals (reading-eval) has none
+                found.append({"card": cid, "origin": origin, **f})
     skip = row_tables()
     others = [o for c in cards for o in other_published(c, skip)]
     return {"generated": _now(), "rows": rows, "kcurves": kcurves, "findings": found, "anchors": anchors, "other_published": others}
@@ -257,9 +260,17 @@ def _card_descriptions() -> dict[str, str]:
 
 
 def to_markdown(lb: dict[str, Any]) -> str:
-    """A markdown rendering: one table per card, then the K-curves and the findings."""
+    """A markdown rendering: the findings first, then one table per card and the K-curves."""
     out = [f"# Leaderboard\n\nGenerated {lb.get('generated')}. Scores are fve_nrm = ½(1+cos); centered = "
            "μ of a disjoint pool subtracted; ρ = (s − floor)/(ceiling − floor) with the card's own anchors.\n"]
+    if lb.get("findings"):
+        out.append("\n## Findings\n\n" + FINDINGS_NOTE + "\n\n| card | origin | K-curve slope / doubling | logp-rerank − greedy | Spearman(logp, oracle) "
+                   "| NN-anchor rerank − greedy | raw floor | centered floor | centering changes verdict | greedy − NN-retrieval |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|\n")
+        for f in lb["findings"]:
+            out.append(f"| `{f['card']}` | {f['origin']} | {_fmt(f['kcurve_slope_per_doubling'], 4)} | {_fmt(f['logp_rerank_minus_greedy'], 4)} "
+                       f"| {_fmt(f['spearman_logp_oracle'])} | {_fmt(f['nn_anchor_rerank_minus_greedy'], 4)} | {_fmt(f['raw_floor'])} "
+                       f"| {_fmt(f['centered_floor'])} | {_fmt(f['centering_changes_verdict'])} | {_fmt(f['greedy_minus_nn_retrieval'], 4)} |\n")
     anchors = lb.get("anchors", {})
     cards: list[str] = []
     for r in lb["rows"]:
@@ -278,6 +289,8 @@ def to_markdown(lb: dict[str, Any]) -> str:
         for r in rows:
             rm = r.get("reproduced_meta") or {}
             run = f"M={rm.get('M')}, K={rm.get('K')}, seed {rm.get('seed')}" if rm else ""
+            if rm.get("source"):  # the texts a reading-eval ran on (the latest run of a card fills its rows)
+                run += f", {Path(str(rm['source'])).name}"
             out.append(f"| {r['label']} | {_fmt(r['K'])} | {_fmt(r['M'])} | {_fmt(r['published'])} | {_fmt(r['rho_published'], 2)} "
                        f"| {_fmt(r['reproduced'])} | {_fmt(r['rho_reproduced'], 2)} | {run} |\n")
         srcs = sorted({r["published_source"] for r in rows if r["published_source"]})
@@ -295,14 +308,6 @@ def to_markdown(lb: dict[str, Any]) -> str:
         for cid, origin in seen:
             vals = {c["K"]: c["score_cen"] for c in lb["kcurves"] if c["card"] == cid and c["origin"] == origin}
             out.append(f"| `{cid}` | {origin} | " + " | ".join(_fmt(vals.get(k)) for k in ks) + " |\n")
-    if lb.get("findings"):
-        out.append("\n## Findings\n\n| card | origin | K-curve slope / doubling | logp-rerank − greedy | Spearman(logp, oracle) "
-                   "| NN-anchor rerank − greedy | raw floor | centered floor | centering changes verdict | greedy − NN-retrieval |\n"
-                   "|---|---|---|---|---|---|---|---|---|---|\n")
-        for f in lb["findings"]:
-            out.append(f"| `{f['card']}` | {f['origin']} | {_fmt(f['kcurve_slope_per_doubling'], 4)} | {_fmt(f['logp_rerank_minus_greedy'], 4)} "
-                       f"| {_fmt(f['spearman_logp_oracle'])} | {_fmt(f['nn_anchor_rerank_minus_greedy'], 4)} | {_fmt(f['raw_floor'])} "
-                       f"| {_fmt(f['centered_floor'])} | {_fmt(f['centering_changes_verdict'])} | {_fmt(f['greedy_minus_nn_retrieval'], 4)} |\n")
     if lb.get("other_published"):
         out.append("\n## Other published numbers (not fve_nrm; read each note)\n\n| card | table | key | value | note | source |\n|---|---|---|---|---|---|\n")
         for o in lb["other_published"]:

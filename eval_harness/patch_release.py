@@ -143,12 +143,13 @@ def card_dict(card_id: str, aliases: list[str], title: str, description: str, ba
               av_folder: str, calibration: dict[str, Any] | None, default_strategy: str, extra: dict[str, Any],
               guided_beta: float = 1.0) -> dict[str, Any]:
     """The patch card file's JSON, built and checked through :class:`Card` (``extra``: the old card file's kept
-    sections, by key); ``default_tau`` is the calibration's τ, else the card's default."""
+    sections, by key, its licence among them: a backbone's terms, e.g. ``gemma``, carry over to a re-release;
+    apache-2.0 otherwise); ``default_tau`` is the calibration's τ, else the card's default."""
     where = f"card {card_id}"
     patch = PatchSection(pool_file="pool.safetensors", default_strategy=default_strategy, guided_beta=guided_beta,
                          calibration=Calibration.from_dict(calibration, f"{where}: 'patch.calibration'") if calibration else None)
-    card = Card.from_dict({**extra, "id": card_id, "aliases": aliases, "kind": "patch", "title": title, "description": description,
-                           "license": "apache-2.0", "backbone": backbone, "layers": [layer], "av": {"folder": av_folder},
+    card = Card.from_dict({"license": "apache-2.0", **extra, "id": card_id, "aliases": aliases, "kind": "patch", "title": title,
+                           "description": description, "backbone": backbone, "layers": [layer], "av": {"folder": av_folder},
                            "mu_file": "mu.safetensors", "patch": patch.to_dict()}, where)
     if patch.calibration is not None:
         card.default_tau = patch.calibration.tau

@@ -43,6 +43,19 @@ DEFAULT_PATH = ASSETS_DIR / "leaderboard.json"
 #: the published tables read by :func:`published_source`
 SRT_TABLES = ("centered_eval", "rerank_eval", "oracle_ceiling")
 #: published keys that are not tables of numbers to list (provenance, K-curves, training settings)
+#: What the findings table compares and why the hub cards' rows are published-only (the app's
+#: Leaderboard tab and ``docs/leaderboard.md`` both lead with it).
+FINDINGS_NOTE = (
+    "The comparison across backbones: how fast best-of-K rises per doubling of K, whether reranking by the AV's own "
+    "log-probability beats greedy, whether best-of-64 beats nearest-neighbour retrieval, and whether centering "
+    "changes the verdict. Rows marked *published* come from the cards' model cards; *reproduced* rows were run by "
+    "this project's harness (`nla-eval`), with the run's settings in each row.\n\n"
+    "**The hub cards (Qwen2.5-7B, Llama-3.2-3B, Gemma-2-2B, Phi-4) cannot be re-run on this project's machines**, "
+    "which cannot download their weights; their rows are as published. Where the weights can be downloaded, "
+    "`nla-eval targets`, then `centered-eval`, `rerank-eval` and `oracle-ceiling` with `--card <hub id>` reproduce "
+    "them (docs/evals.md), and `nla-eval leaderboard` adds them here."
+)
+
 CARD_META_KEYS = frozenset({"source", "note", "bestof_cen", "bestof_raw", "kcurve_oracle_top1_cen", "training"})
 
 

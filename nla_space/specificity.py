@@ -192,12 +192,18 @@ def retrieval_correct(h: torch.Tensor, v: torch.Tensor, mu: torch.Tensor, n: int
     return out
 
 
+#: The lowest τ a fit may choose: an answer whose own calibrated probability of being right is under
+#: one half is never called confident, however right the answers above it are as a group (an AV that
+#: is right on nearly every calibration text would otherwise get a τ near 0).
+MIN_TAU = 0.5
+
+
 def fit_calibration(z: torch.Tensor, correct: torch.Tensor, target_precision: float, settings: dict[str, Any],
                     min_coverage_rows: int = 5, feature: str = "z") -> Calibration:
     """Logistic fit of ``correct`` (probabilities in [0, 1]) on the feature values ``z`` (named
-    ``feature``), then the smallest threshold on
-    the fitted confidence whose val answers at or above it are correct at ≥ ``target_precision``
-    (at least ``min_coverage_rows`` of them). No such threshold: tau = 1 (never confident)."""
+    ``feature``), then the smallest threshold on the fitted confidence, at least :data:`MIN_TAU`,
+    whose val answers at or above it are correct at ≥ ``target_precision`` (at least
+    ``min_coverage_rows`` of them). No such threshold: tau = 1 (never confident)."""
     z, y = z.float(), correct.float()
     m, sd = z.mean(), z.std().clamp_min(1e-6)  # fitted on the standardised feature: the L2 term is scale-free
     zs = (z - m) / sd
@@ -215,7 +221,9 @@ def fit_calibration(z: torch.Tensor, correct: torch.Tensor, target_precision: fl
     b = float(w[1].detach() - w[0].detach() * m / sd)
     conf = torch.sigmoid(a * z + b)
     tau, prec, cov = 1.0, float("nan"), 0.0
-    for t in sorted(set(round(float(c), 4) for c in conf), reverse=True):
+    for t in sorted(set(round(float(c), 4) for c in conf) | {MIN_TAU}, reverse=True):
+        if t < MIN_TAU:
+            break
         sel = conf >= t
         if int(sel.sum()) < min_coverage_rows:
             continue

@@ -181,6 +181,8 @@ def test_patch_card_writer_goes_through_the_card_class() -> None:
     assert card.default_tau == cal["tau"] and card.patch.calibration.a == cal["a"] and card.patch.guided_beta == 3.0
     assert card.training == {"pool": {"pool_rows": 8}}
     assert card_dict("local/p", [], "t", "d", {"id": "x"}, 1, "f", None, "guided", {})["default_tau"] == Card.default_tau
+    assert data["license"] == "apache-2.0"  # the default; a kept licence (a backbone's terms) carries over
+    assert card_dict("local/p", [], "t", "d", {"id": "x"}, 1, "f", None, "guided", {"license": "gemma"})["license"] == "gemma"
     with pytest.raises(CheckpointError, match="unknown key 'surprise'"):
         card_dict("local/p", [], "t", "d", {"id": "x"}, 1, "f", None, "guided", {"surprise": {}})
 

@@ -51,7 +51,8 @@ def test_cli_verbalize_embedded_json(smollm2):
         assert (c["score_cen"] is None) == (not d["centered"])
         assert math.isfinite(c["specificity"]) and 0.0 <= c["confidence"] <= 1.0
     # the default card is calibrated: the best is the most specific, hedged by its confidence
-    assert d["strategy"] == "guided" and d["criterion"] == "confidence" and "among 40" in d["confidence_meaning"]
+    assert d["strategy"] == find_card("embedded").patch.default_strategy and d["criterion"] == "confidence"
+    assert "among 40" in d["confidence_meaning"]
     assert best["specificity"] == max(c["specificity"] for c in d["candidates"])
     assert d["score"] == best["confidence"] and d["hedged"] == (d["score"] < d["tau"])
     assert {"extract_s", "sample_s", "score_s", "total_s"} <= set(d["timings"])
@@ -86,12 +87,22 @@ def test_cli_embedded_bad_layer_exits_2():
 
 @pytest.mark.e2e
 def test_cli_verbalize_second_embedded_card_gemma3():
-    """The second embedded card (Gemma-3-270M from PyPI, layer 13; the first call converts the GGUF
-    into the cache, ~1 min) verbalizes from its trained AV with centered scores."""
+    """The second embedded card, ``gemma3-270m`` (a patch AV on Gemma-3-270M from PyPI, layer 13; the
+    first call converts the GGUF into the cache, ~1 min), verbalizes with a calibrated confidence."""
     proc = _run(["verbalize", "--card", "gemma3-270m", "--text", TEXT, "--k", "3", "--json", "--seed", "1", "--max-new-tokens", "6"])
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert d["card"] == "nla-space/gemma3-270m-L13" and d["layer"] == 13 and d["trained"] is True and d["centered"] is True
+    assert d["card"] == "nla-space/gemma3-270m-L13-patch" and d["layer"] == 13 and d["trained"] is True
+    assert d["criterion"] == "confidence" and 0.0 <= d["score"] <= 1.0
     assert len(d["candidates"]) == 3 and all(math.isfinite(c["score_cen"]) for c in d["candidates"])
     assert all(1 <= len(c["token_ids"]) <= 6 for c in d["candidates"])
+
+
+@pytest.mark.e2e
+def test_cli_verbalize_gemma3_prefix_card():
+    """The earlier Gemma-3-270M prefix AV stays available as ``gemma3-270m-prefix``, with centered scores."""
+    proc = _run(["verbalize", "--card", "gemma3-270m-prefix", "--text", TEXT, "--k", "3", "--json", "--seed", "1", "--max-new-tokens", "6"])
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert d["card"] == "nla-space/gemma3-270m-L13" and d["layer"] == 13 and d["centered"] is True
     assert d["score"] == max(c["score_cen"] for c in d["candidates"])

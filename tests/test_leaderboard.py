@@ -164,3 +164,20 @@ def test_policy_eval_and_roundtrip_results_become_rows():
     multi = policy(False, 0.4)
     multi["meta"]["layers"] = [15, 8]
     assert {r["layer"] for r in build_leaderboard([multi], cards=[])["rows"]} == {15}
+
+
+def test_shipped_results_fill_the_findings_of_both_embedded_prefix_cards():
+    """The shipped results give both embedded prefix cards every finding the published cards have, and
+    the findings table has no row that is dashes only (a card with only reading-eval results has none)."""
+    from eval_harness.results import load_results
+    from nla_space.cards import ASSETS_DIR
+
+    lb = build_leaderboard(list(load_results([ASSETS_DIR / "results"])))
+    rows = {(f["card"], f["origin"]): f for f in lb["findings"]}
+    fields = sorted(FINDING_KEYS - {"card", "origin"})
+    for f in lb["findings"]:
+        assert any(f[k] is not None for k in fields), f
+    published = [f for f in lb["findings"] if f["origin"] == "published"]
+    have = {k for f in published for k in fields if f[k] is not None}
+    for card in ("nla-space/smollm2-135m-L21", "nla-space/gemma3-270m-L13"):
+        assert {k for k in fields if rows[(card, "reproduced")][k] is not None} >= have, card

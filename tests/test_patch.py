@@ -16,7 +16,7 @@ from nla_space.guided import GuidedSettings, as_rollout, smc, word_starts
 from nla_space.kv_cache import preallocated_cache, reorder_cache
 from nla_space.policy import resolve_strategy
 from nla_space.runtime import open_card
-from nla_space.specificity import Calibration, Specificity, fit_calibration, retrieval_correct
+from nla_space.specificity import MIN_TAU, Calibration, Specificity, fit_calibration, retrieval_correct
 from nla_space.verbalizers.patch import PatchSpec, ResidualPatch, token_ce
 from nla_space.verbalizers.patch_card import PatchStepper
 
@@ -160,6 +160,13 @@ def test_specificity_and_calibration() -> None:
     # the same fit whatever the feature's scale (fitted standardised)
     small = fit_calibration(zz * 0.01, y, 0.8, {}, feature="margin40")
     assert small.feature == "margin40" and abs(small.a - 100 * cal.a) < 1e-2 * abs(100 * cal.a) and abs(small.b - cal.b) < 1e-3
+    # an AV right on nearly every text: τ stops at MIN_TAU (never "confident" below one half)
+    wide = torch.linspace(-3, 12, 300)
+    easy = (torch.rand(300, generator=g) < torch.sigmoid(2 * wide + 2)).float()
+    assert float(easy.mean()) >= 0.8  # every threshold, the lowest included, meets the precision
+    lenient = fit_calibration(wide, easy, 0.8, {})
+    assert lenient.tau == MIN_TAU and lenient.precision >= 0.8 and 0.8 < lenient.coverage < 1
+    assert float(lenient.confidence_of(wide).min()) < MIN_TAU  # those answers are hedged by the floor alone
     with pytest.raises(CheckpointError):
         Specificity.from_pool(torch.randn(3, 16), mu)
 

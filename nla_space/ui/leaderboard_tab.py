@@ -59,7 +59,7 @@ def _num(x: Any) -> float | None:
 def _run_summary(meta: dict[str, Any] | None) -> str:
     if not meta:
         return ""
-    keys = ("M", "K", "seed", "targets_split", "trained", "device", "finished", "path")
+    keys = ("M", "K", "seed", "targets_split", "source", "trained", "device", "finished", "path")
     return ", ".join(f"{k}={meta[k]}" for k in keys if meta.get(k) is not None)
 
 
@@ -147,19 +147,6 @@ def findings_frame(lb: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=FINDING_COLUMNS)
 
 
-FINDINGS_INTRO = (
-    "### Findings\n"
-    "The comparison across backbones: how fast best-of-K rises per doubling of K, whether reranking by the AV's own "
-    "log-probability beats greedy, whether best-of-64 beats nearest-neighbour retrieval, and whether centering "
-    "changes the verdict. Rows marked *published* come from the cards' model cards; *reproduced* rows were run by "
-    "this project's harness (`nla-eval`), with the run's settings in each row.\n\n"
-    "**The hub cards (Qwen2.5-7B, Llama-3.2-3B, Gemma-2-2B, Phi-4) cannot be re-run on this project's machines**, "
-    "which cannot download their weights; their rows are as published. Where the weights can be downloaded, "
-    "`nla-eval targets`, then `centered-eval`, `rerank-eval` and `oracle-ceiling` with `--card <hub id>` reproduce "
-    "them (docs/evals.md), and `nla-eval leaderboard` adds them here."
-)
-
-
 def build() -> None:
     lb = load()
     df = rows_frame(lb)
@@ -170,7 +157,9 @@ def build() -> None:
     if lb.get("error"):
         head += f"\n\n⚠️ The leaderboard data could not be read: {lb['error']}"
     gr.Markdown(head, elem_classes=["nla-chrome"])
-    gr.Markdown(FINDINGS_INTRO)
+    from ..leaderboard import FINDINGS_NOTE
+
+    gr.Markdown("### Findings\n" + FINDINGS_NOTE)
     gr.Dataframe(value=findings_frame(lb), label="Findings: our embedded backbones beside the published cards",
                  elem_id="lb-findings", interactive=False, wrap=True)
     with gr.Row():
