@@ -140,5 +140,8 @@ def test_results_meta_paths_are_portable() -> None:
     for f in (PACKAGE_ROOT / "assets" / "results").glob("*.json"):
         text = json.dumps(json.loads(f.read_text(encoding="utf-8"))["meta"])
         assert str(REPO_ROOT) not in text and str(Path.home()) + "/" not in text, f.name
+    for f in (PACKAGE_ROOT / "assets" / "cards").glob("*/adapter_config.json"):  # PEFT records its base's path
+        base = json.loads(f.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+        assert not base.startswith(("/", "~")) and str(Path.home()) not in base, (f, base)
     got = portable({"a": str(REPO_ROOT / "runs" / "x.json"), "b": [str(Path.home() / ".cache" / "m")], "c": 3, "d": "/elsewhere/y"})
     assert got == {"a": "runs/x.json", "b": ["~/.cache/m"], "c": 3, "d": "/elsewhere/y"}

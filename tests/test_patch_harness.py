@@ -72,6 +72,8 @@ def test_train_patch_learns_resumes_and_ships(tmp_path, capsys) -> None:
     rows = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     assert rows[-1]["val_ce"] < rows[0]["val_ce"]  # it learned the corpus
+    adapter = json.loads((out / "best" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(bb_dir)  # the backbone as given (an id: embedded:NAME), not a cache path
     # ship it: AV folder + pool + calibration on the val texts + card file, then open and verbalize
     card_file = tmp_path / "card.json"
     assert main(["patch-release", "--run", str(out), "--corpus", str(corpus), "--av-folder", str(tmp_path / "av"),
