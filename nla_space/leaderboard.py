@@ -42,7 +42,6 @@ DEFAULT_PATH = ASSETS_DIR / "leaderboard.json"
 
 #: the published tables read by :func:`published_source`
 SRT_TABLES = ("centered_eval", "rerank_eval", "oracle_ceiling")
-#: published keys that are not tables of numbers to list (provenance, K-curves, training settings)
 #: What the findings table compares and why the hub cards' rows are published-only (the app's
 #: Leaderboard tab and ``docs/leaderboard.md`` both lead with it).
 FINDINGS_NOTE = (
@@ -56,6 +55,7 @@ FINDINGS_NOTE = (
     "them (docs/evals.md), and `nla-eval leaderboard` adds them here."
 )
 
+#: published keys that are not tables of numbers to list (provenance, K-curves, training settings)
 CARD_META_KEYS = frozenset({"source", "note", "bestof_cen", "bestof_raw", "kcurve_oracle_top1_cen", "training"})
 
 

@@ -131,7 +131,7 @@ def _log(folder: Path) -> list[dict]:
     return [json.loads(x) for x in (folder / "log.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
-def test_av_sft_loss_decreases_and_writes_a_sidecar(trained):
+def test_av_sft_loss_decreases_and_writes_a_sidecar(world, trained):
     rows = [r for r in _log(trained["av"]) if r["loss"] is not None]
     first = sum(r["loss"] for r in rows[:3]) / 3
     last = sum(r["loss"] for r in rows[-3:]) / 3
@@ -144,6 +144,8 @@ def test_av_sft_loss_decreases_and_writes_a_sidecar(trained):
     assert sc["depth_percentages"] == sorted(d.prompt_pct for d in trained["ts"].depths())
     assert "{depth_pct}" in sc["prompt_templates"]["av"] and sc["tokens"]["injection_char"] == "★"
     assert json.loads((best / "val_text_ids.json").read_text()) and (best / "adapter_model.safetensors").is_file()
+    adapter = json.loads((best / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(world["base"])  # the backbone as given, as the loader compares
 
 
 def test_ar_loss_decreases_and_heldout_centered_cosine_improves(trained):

@@ -26,6 +26,7 @@ from nla_space.hub import load_state_dict
 from nla_space.io import atomic_write, atomic_write_json, atomic_write_text, save_tensors
 from nla_space.sidecar import SIDECAR_NAME, Sidecar
 from nla_space.verbalizers.injection import INJECT_MU_FILE, InjectionAV, resolve_spec
+from nla_space.verbalizers.lora import new_lora
 
 from ..data.injection_targets import template_section
 from .run_folder import ADAPTER_FILE, OPTIMIZER_FILE, STATE_FILE
@@ -36,12 +37,12 @@ from .run_folder import ADAPTER_FILE, OPTIMIZER_FILE, STATE_FILE
 def add_lora(backbone: Backbone, r: int, alpha: int, dropout: float, target_modules: str, seed: int) -> Any:
     """A trainable PEFT LoRA on the backbone's model (in place; the base weights stay frozen);
     ``target_modules`` is a comma list of module names, or peft's ``all-linear``."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     torch.manual_seed(seed)
     targets: Any = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",") if t.strip()]
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(backbone.model, cfg)
+    return new_lora(backbone, cfg)
 
 
 def lora_state(pm: Any) -> dict[str, torch.Tensor]:

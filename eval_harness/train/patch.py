@@ -83,13 +83,8 @@ def val_ce(backbone: Backbone, patch: ResidualPatch, rows: list[list[int]], batc
     return {"val_ce": round(own, 5), "val_ce_shuffled": round(shuf, 5), "val_ce_gain": round(shuf - own, 5)}
 
 
-def write_av_folder(folder: Path, pm: Any, spec: PatchSpec, extra: dict[str, Any], base_model: str | None = None) -> None:
-    """A loadable patch AV folder: PEFT adapter, JSON extras, ``patch_av.json`` last (its marker).
-    ``base_model`` (the backbone's id, e.g. ``embedded:gemma3-270m``) is what the adapter config records
-    as its base, instead of the local cache folder the backbone was loaded from."""
-    if base_model is not None:
-        for config in pm.peft_config.values():
-            config.base_model_name_or_path = base_model
+def write_av_folder(folder: Path, pm: Any, spec: PatchSpec, extra: dict[str, Any]) -> None:
+    """A loadable patch AV folder: PEFT adapter, JSON extras, ``patch_av.json`` last (its marker)."""
     pm.save_pretrained(str(folder))
     for name, data in extra.items():
         atomic_write_json(folder / name, data)
@@ -120,7 +115,7 @@ def train_patch(backbone: Backbone, corpus: Path, out: Path, cfg: PatchTrainConf
         return res
 
     def write_best(folder: Path, step: int, res: dict[str, Any]) -> None:
-        write_av_folder(folder, pm, spec, {BEST_RECORD: {"step": step, **res, "corpus": str(corpus)}}, base_model=backbone.spec)
+        write_av_folder(folder, pm, spec, {BEST_RECORD: {"step": step, **res, "corpus": str(corpus)}})
 
     pm.train()
     sgd = SupervisedStep(train_rows, cfg.batch_size, cfg.seed, opt, params, cfg.grad_clip,

@@ -28,6 +28,20 @@ def attach_lora(backbone: Backbone, folder: Path, trainable: bool = False) -> An
     return peft_model
 
 
+def new_lora(backbone: Backbone, config: Any) -> Any:
+    """A fresh PEFT LoRA (``config``: a ``peft.LoraConfig``) on the backbone's model, in place. The adapter
+    records the backbone's id (``backbone.spec``, e.g. ``embedded:gemma3-270m``) as its base, not the local
+    cache folder the model was loaded from: the base a card's loader compares with, and no machine path in
+    a shipped ``adapter_config.json``."""
+    from peft import get_peft_model
+
+    with quiet_peft():
+        pm = get_peft_model(backbone.model, config)
+    for cfg in pm.peft_config.values():
+        cfg.base_model_name_or_path = backbone.spec
+    return pm
+
+
 @contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
     """PEFT calls a transformers method deprecated in 5.x (``is_gradient_checkpointing``); the warning

@@ -167,14 +167,11 @@ def token_ce(backbone: Backbone, patch: ResidualPatch, rows: list[list[int]], sh
 
 def attach(backbone: Backbone, spec: PatchSpec, folder: Path | None = None, trainable: bool = False) -> Any:
     """The backbone's model with the patch AV's LoRA (in place): a fresh one from ``spec``, or the one in ``folder``."""
-    from peft import get_peft_model
-
-    from .lora import attach_lora, freeze, quiet_peft
+    from .lora import attach_lora, freeze, new_lora
 
     if folder is not None:
         return attach_lora(backbone, folder, trainable)
-    with quiet_peft():
-        pm = get_peft_model(backbone.model, spec.lora_config(backbone.num_layers))
+    pm = new_lora(backbone, spec.lora_config(backbone.num_layers))
     return pm if trainable else freeze(pm)
 
 
