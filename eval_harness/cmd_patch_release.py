@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--card-file", type=Path, required=True, help="card JSON to write (e.g. nla_space/cards/NAME.json)")
     p.add_argument("--card-id", required=True)
     p.add_argument("--aliases", default="", help="comma-separated")
-    p.add_argument("--title", default="")
-    p.add_argument("--description", default="")
+    p.add_argument("--title", default=None, help="default: the existing card file's title")
+    p.add_argument("--description", default=None, help="default: the existing card file's description")
     p.add_argument("--backbone", required=True, help="the backbone the run trained on (embedded:NAME, hub id, folder)")
     p.add_argument("--calibrate", type=int, default=0,
                    help="calibrate on the first N calibration texts (0: keep the card's calibration); see --calibration-texts")
@@ -55,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
     keep = {k: old[k] for k in ("license", "training", "heldout", "compass", "anchors", "published") if k in old}
     keep.setdefault("training", {})["pool"] = pool
 
+    title = old.get("title", "") if args.title is None else args.title
+    description = old.get("description", "") if args.description is None else args.description
+
     def make(cal: dict | None) -> dict:
-        return card_dict(args.card_id, [a for a in args.aliases.split(",") if a], args.title, args.description,
+        return card_dict(args.card_id, [a for a in args.aliases.split(",") if a], title, description,
                          {"id": args.backbone, "revision": None, "dtype": "float32"}, spec_layer, args.av_folder, cal, args.strategy, keep,
                          guided_beta=args.guided_beta)
 

@@ -19,6 +19,7 @@ Steps (each writes atomically; rerunning redoes only what is asked):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -57,16 +58,39 @@ def copy_av(run_best: Path, folder: Path) -> None:
 
 
 @torch.inference_mode()
+def pool_fingerprint(backbone: Backbone, layer: int, texts: list[str]) -> str:
+    """What μ and the pool are a function of: the plain backbone's layer-ℓ states of the pool texts
+    (blocks below ℓ carry no LoRA, so the AV does not enter)."""
+    return hashlib.sha256(json.dumps([str(backbone.spec), layer, texts], ensure_ascii=False).encode()).hexdigest()
+
+
+def _stored_fingerprint(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("fingerprint")
+    except (OSError, ValueError, RuntimeError):  # missing or unreadable: compute it again
+        return None
+
+
 def write_pool(backbone: Backbone, layer: int, corpus: Path, folder: Path, max_rows: int = 2000) -> dict[str, Any]:
+    """μ and the specificity pool of the corpus's mu_pool split into ``folder``; kept as they are when
+    the folder already holds them for the same backbone, layer and texts (a re-release that only
+    refits the calibration then skips the 2-5 min forward pass)."""
     texts = [r["text"] for r in read_corpus(corpus, "mu_pool")][:max_rows]
     if len(texts) < 8:
         raise NLAInputError(f"{corpus}: the mu_pool split has {len(texts)} rows; need ≥ 8")
+    info = {"pool_rows": len(texts), "source": f"{corpus} (mu_pool split)"}
+    fp = pool_fingerprint(backbone, layer, texts)
+    if (folder / "mu.safetensors").is_file() and _stored_fingerprint(folder / "pool.safetensors") == fp:
+        log.info("μ and pool in %s already match %s at layer %d: kept", folder, corpus, layer)
+        return info
     rows = [list(backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     V = read_rows(backbone, layer, rows)
-    mu = V.mean(dim=0)
-    save_tensors(folder / "mu.safetensors", {"mu": mu})
-    save_tensors(folder / "pool.safetensors", {POOL_KEY: V.half()})
-    return {"pool_rows": len(texts), "source": f"{corpus} (mu_pool split)"}
+    save_tensors(folder / "mu.safetensors", {"mu": V.mean(dim=0)})
+    save_tensors(folder / "pool.safetensors", {POOL_KEY: V.half()}, metadata={"fingerprint": fp})
+    return info
 
 
 def calibrate(oc: Any, rows: list[dict[str, Any]], strategy: str, k: int, target_precision: float, spec: Specificity,

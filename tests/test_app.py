@@ -80,7 +80,7 @@ def test_check_request_refuses_bad_input() -> None:
     from nla_space.ui import engine
 
     ok = engine.check_request(TEXT, card="embedded", k=4.0, seed=3.0)
-    assert ok.k == 4 and ok.seed == 3 and ok.card == "nla-space/smollm2-135m-L21-patch"
+    assert ok.k == 4 and ok.seed == 3 and ok.card == "nla-space/gemma3-270m-L13-patch"
     for bad in (dict(text=""), dict(text="   "), dict(text="x" * (engine.MAX_TEXT_CHARS + 1)), dict(text=TEXT, k=0),
                 dict(text=TEXT, k=engine.APP_MAX_K + 1), dict(text=TEXT, k=2.5), dict(text=TEXT, card="no-such-card"),
                 dict(text=TEXT, tau=1.5), dict(text=TEXT, temperature=float("nan")), dict(text=TEXT, layer=3)):
@@ -188,7 +188,11 @@ def test_api_returns_the_cli_json_contract(client) -> None:
 
     out = client.predict(TEXT, k=4, seed=0, api_name="/verbalize")
     assert CONTRACT_KEYS <= set(out)  # keys may be added to the contract, never removed
-    assert out["k"] == 4 and len(out["candidates"]) == 4 and out["layer"] == 21
+    # the default card decodes greedily: one candidate whatever K says
+    assert out["k"] == 1 and out["strategy"] == "greedy" and out["greedy"] is True and len(out["candidates"]) == 1
+    assert out["layer"] == 13
+    guided = client.predict(TEXT, k=3, seed=0, strategy="guided", max_new_tokens=8, api_name="/verbalize")
+    assert guided["strategy"] == "guided" and len(guided["candidates"]) == 3
     assert out["best"] == out["candidates"][out["best_index"]]
     assert out["hedged"] == (out["score"] < out["tau"])
 
@@ -206,7 +210,7 @@ def test_sweep_api_returns_the_cli_sweep_contract(client) -> None:
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert [p["parameter_name"] for p in named["/sweep"]["parameters"]] == ["text", "card", "k", "tau", "temperature", "seed"]
     out = client.predict(TEXT, k=2, seed=0, api_name="/sweep")  # the embedded card has one layer: one entry
-    assert list(out) == ["sweep"] and [e["layer"] for e in out["sweep"]] == [21]
+    assert list(out) == ["sweep"] and [e["layer"] for e in out["sweep"]] == [13]
     assert CONTRACT_KEYS | {"depth_pct"} <= set(out["sweep"][0]) and out["sweep"][0]["depth_pct"] is None
 
 
@@ -231,7 +235,7 @@ def test_bad_inputs_are_refused_and_the_app_keeps_serving(client) -> None:
         with pytest.raises((AppError, ValidationError)) as info:
             client.predict(api_name="/verbalize", **params)
         assert message in str(info.value), (params, str(info.value))
-    out = client.predict("Still serving after all that?", k=2, api_name="/verbalize")
+    out = client.predict("Still serving after all that?", k=2, strategy="best-of-k", api_name="/verbalize")
     assert len(out["candidates"]) == 2
 
 
@@ -239,7 +243,8 @@ def test_bad_inputs_are_refused_and_the_app_keeps_serving(client) -> None:
 def test_a_burst_is_served_in_turn_and_one_failure_does_not_spill(client) -> None:
     from gradio_client.exceptions import ValidationError
 
-    jobs = [client.submit("A burst of requests, one of them bad.", k=2, seed=i, api_name="/verbalize") for i in range(2)]
+    jobs = [client.submit("A burst of requests, one of them bad.", k=2, seed=i, strategy="guided", api_name="/verbalize")
+            for i in range(2)]
     bad = client.submit("", api_name="/verbalize")
     with pytest.raises(ValidationError, match="empty"):
         bad.result(timeout=240)
@@ -262,6 +267,11 @@ def test_ui_event_renders_every_output(client) -> None:
     assert saved["k"] == 3 and CONTRACT_KEYS <= set(saved) and raw["k"] == 3
     if not saved["trained"]:
         assert "UNTRAINED AV" in badge and "Untrained" in notes
+    # the layer box takes any card's layer in an API call; the card refuses one it lacks, by name
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="supports layer"):
+        client.predict(TEXT, "nla-space/gemma3-270m-L13-patch", 21, 3, 0.6, 1.0, 1, False, "default", api_name="/verbalize_ui")
 
 
 @pytest.mark.e2e

@@ -1,8 +1,8 @@
-"""Drive the real app in headless Debian Chromium (``-m browser``): type a text, run it with K=4, see
-the best verbalization and the hedge badge, open the leaderboard and find the three SRT cards,
-click a token of the heat map and get that position's verbalization, open the leaderboard and find
-the three SRT cards, open presentation mode. Screenshots go to test-artifacts/ for people to look at;
-``NLA_SCREENSHOT=docs/screenshot.png`` also writes the README's screenshot there."""
+"""Drive the real app in headless Debian Chromium (``-m browser``): type a text, run it at the default
+card's settings (greedy), see the best verbalization and the hedge badge; switch to guided decoding
+with K=4 and click a token of the heat map to get that position's verbalization; open the
+leaderboard and find the three SRT cards; open presentation mode. Screenshots go to test-artifacts/
+for people to look at; ``NLA_SCREENSHOT=docs/screenshot.png`` also writes the README's screenshot there."""
 
 from __future__ import annotations
 
@@ -60,6 +60,23 @@ def test_verbalize_leaderboard_and_present_mode(app_url: str, page, artifacts_di
 
     page.goto(app_url)
     page.locator("#input-text textarea").fill("The Eiffel Tower is in Paris, the capital of France.")
+    page.locator("#run").click()
+
+    badge = page.locator("#badge .nla-badge").first
+    expect(badge).to_be_visible(timeout=120_000)
+    assert badge.inner_text().strip() in {"CONFIDENT", "HEDGED"}
+    expect(page.locator("#best textarea")).not_to_have_value("", timeout=10_000)
+    expect(page.locator("#candidates")).to_contain_text("★")
+    expect(page.locator("#timings")).to_contain_text("greedy")
+    page.wait_for_timeout(800)  # let the plot finish drawing
+    page.screenshot(path=str(artifacts_dir / "app-verbalize.png"), full_page=True)
+    if os.environ.get("NLA_SCREENSHOT"):  # the README's screenshot: the top of the page, as a visitor first sees it
+        page.evaluate("window.scrollTo(0, 0)")
+        page.wait_for_timeout(300)
+        page.screenshot(path=os.environ["NLA_SCREENSHOT"], full_page=False)
+
+    # Guided decoding with K=4, then read another token: a click on the heat map verbalizes the state at
+    # that position with the settings in Advanced.
     page.get_by_text("Advanced").first.click()
     k = page.locator("#k input[type=number]")
     # The run must not start before the slider holds the new K: a load-time update of the card's
@@ -75,29 +92,15 @@ def test_verbalize_leaderboard_and_present_mode(app_url: str, page, artifacts_di
         except AssertionError:
             continue
     expect(slider).to_have_value("4", timeout=3_000)
+    page.locator("#strategy").get_by_text("guided", exact=True).click()
     page.wait_for_timeout(300)
-    page.locator("#run").click()
-
-    badge = page.locator("#badge .nla-badge").first
-    expect(badge).to_be_visible(timeout=120_000)
-    assert badge.inner_text().strip() in {"CONFIDENT", "HEDGED"}
-    expect(page.locator("#best textarea")).not_to_have_value("", timeout=10_000)
-    expect(page.locator("#candidates")).to_contain_text("★")
-    expect(page.locator("#timings")).to_contain_text("K=4")
-    page.wait_for_timeout(800)  # let the plot finish drawing
-    page.screenshot(path=str(artifacts_dir / "app-verbalize.png"), full_page=True)
-    if os.environ.get("NLA_SCREENSHOT"):  # the README's screenshot: the top of the page, as a visitor first sees it
-        page.evaluate("window.scrollTo(0, 0)")
-        page.wait_for_timeout(300)
-        page.screenshot(path=os.environ["NLA_SCREENSHOT"], full_page=False)
-
-    # Read another token: a click on the heat map verbalizes the state at that position.
     tokens = page.locator("#heat .token")
     expect(tokens.nth(4)).to_be_visible()
     clicked = tokens.nth(4)
     clicked.click()
     notes = page.locator("#notes")
     expect(notes).to_contain_text("Read at token 4", timeout=120_000)
+    expect(page.locator("#timings")).to_contain_text("guided-4", timeout=10_000)
     expect(page.locator("#best textarea")).not_to_have_value("", timeout=10_000)
     page.wait_for_timeout(800)
     page.screenshot(path=str(artifacts_dir / "app-verbalize-token.png"), full_page=True)

@@ -174,5 +174,9 @@ def test_views_show_both_reranks():
     md = views.compass_markdown(res)
     assert "**different** candidates" in md and "0.200 vs τ 0.30" in md and "a &#124; b" in md
     assert "hedged" in md.split("◆")[1] and "confident" in md.split("★")[1].split("◆")[0]
+    one = {**res, "k": 1, "greedy": True, "best_index": 0, "best": cands[0], "candidates": cands[:1],
+           "compass": {**res["compass"], "best_index": 0, "faithfulness": [0.2]}}
+    md1 = views.compass_markdown(one)  # greedy: one answer, nothing to rerank; the compass's own verdict on it
+    assert "second opinion" in md1 and "0.200 vs τ 0.30 → hedged" in md1 and "0.700 vs τ 0.65 → confident" in md1
     res["compass"] = None
     assert "ships no compass" in views.compass_markdown(res) and df.shape[1] == len(views.CANDIDATE_COLUMNS)

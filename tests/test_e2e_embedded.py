@@ -1,4 +1,5 @@
-"""End to end on the real embedded backbone (SmolLM2-135M-Instruct) through the command line."""
+"""End to end on the real embedded backbones through the command line: the default card (Gemma-3-270M,
+greedy) and the SmolLM2-135M-Instruct cards (sampled decoding, seeded)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "The Eiffel Tower is in Paris, the capital of France."
-ARGS = ["--text", TEXT, "--k", "8", "--json", "--seed", "3", "--max-new-tokens", "16"]
+ARGS = ["--card", "smollm2-135m", "--text", TEXT, "--k", "8", "--json", "--seed", "3", "--max-new-tokens", "16"]
 
 
 #: One intra-op thread: on a shared, loaded CPU two spinning OpenMP threads run a SmolLM2 forward
@@ -28,7 +29,8 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.e2e
-def test_cli_verbalize_embedded_json(smollm2):
+def test_cli_verbalize_smollm2_json(smollm2):
+    """The SmolLM2 patch card's JSON contract (guided, K candidates), reproduced token for token in process."""
     proc = _run(["verbalize", *ARGS])
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -39,7 +41,8 @@ def test_cli_verbalize_embedded_json(smollm2):
     assert d["card"] == "nla-space/smollm2-135m-L21-patch" and d["layer"] == 21 and d["k"] == 8
     from nla_space.cards import find_card
 
-    assert d["tau"] == find_card("embedded").default_tau and isinstance(d["trained"], bool) and d["seed"] == 3 and d["greedy"] is False
+    card = find_card("smollm2-135m")
+    assert d["tau"] == card.default_tau and isinstance(d["trained"], bool) and d["seed"] == 3 and d["greedy"] is False
     assert isinstance(d["hedged"], bool) and isinstance(d["centered"], bool)
     assert len(d["candidates"]) == 8 and 0 <= d["best_index"] < 8
     best = d["best"]
@@ -51,7 +54,7 @@ def test_cli_verbalize_embedded_json(smollm2):
         assert (c["score_cen"] is None) == (not d["centered"])
         assert math.isfinite(c["specificity"]) and 0.0 <= c["confidence"] <= 1.0
     # the default card is calibrated: the best is the most specific, hedged by its confidence
-    assert d["strategy"] == find_card("embedded").patch.default_strategy and d["criterion"] == "confidence"
+    assert d["strategy"] == card.patch.default_strategy == "guided" and d["criterion"] == "confidence"
     assert "among 40" in d["confidence_meaning"]
     assert best["specificity"] == max(c["specificity"] for c in d["candidates"])
     assert d["score"] == best["confidence"] and d["hedged"] == (d["score"] < d["tau"])
@@ -68,8 +71,8 @@ def test_cli_verbalize_embedded_json(smollm2):
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        res = open_card("embedded").verbalize(text=TEXT, k=8, seed=3, max_new_tokens=16)
-        other = open_card("embedded").verbalize(text=TEXT, k=8, seed=4, max_new_tokens=16)
+        res = open_card("smollm2-135m").verbalize(text=TEXT, k=8, seed=3, max_new_tokens=16)
+        other = open_card("smollm2-135m").verbalize(text=TEXT, k=8, seed=4, max_new_tokens=16)
     finally:
         torch.set_num_threads(threads)
     assert [c.token_ids for c in res.candidates] == [c["token_ids"] for c in d["candidates"]]
@@ -82,20 +85,27 @@ def test_cli_verbalize_embedded_json(smollm2):
 def test_cli_embedded_bad_layer_exits_2():
     proc = _run(["verbalize", "--text", TEXT, "--layer", "30"])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: card nla-space/smollm2-135m-L21-patch supports layer(s) [21], not 30"]
+    assert proc.stderr.strip().splitlines() == ["error: card nla-space/gemma3-270m-L13-patch supports layer(s) [13], not 30"]
 
 
 @pytest.mark.e2e
-def test_cli_verbalize_second_embedded_card_gemma3():
-    """The second embedded card, ``gemma3-270m`` (a patch AV on Gemma-3-270M from PyPI, layer 13; the
-    first call converts the GGUF into the cache, ~1 min), verbalizes with a calibrated confidence."""
-    proc = _run(["verbalize", "--card", "gemma3-270m", "--text", TEXT, "--k", "3", "--json", "--seed", "1", "--max-new-tokens", "6"])
+def test_cli_verbalize_default_card_gemma3_greedy():
+    """The default card (``embedded``, alias ``gemma3-270m``: a patch AV on Gemma-3-270M from PyPI, layer 13;
+    the first call converts the GGUF into the cache, ~1 min) decodes greedily with a calibrated
+    confidence: one candidate, whatever K says; ``--strategy guided`` gives K."""
+    proc = _run(["verbalize", "--text", TEXT, "--k", "3", "--json", "--seed", "1", "--max-new-tokens", "6"])
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout.strip().splitlines()[-1])
     assert d["card"] == "nla-space/gemma3-270m-L13-patch" and d["layer"] == 13 and d["trained"] is True
-    assert d["criterion"] == "confidence" and 0.0 <= d["score"] <= 1.0
-    assert len(d["candidates"]) == 3 and all(math.isfinite(c["score_cen"]) for c in d["candidates"])
-    assert all(1 <= len(c["token_ids"]) <= 6 for c in d["candidates"])
+    assert d["strategy"] == "greedy" and d["greedy"] is True and len(d["candidates"]) == 1
+    assert d["criterion"] == "confidence" and 0.0 <= d["score"] <= 1.0 and "among 40" in d["confidence_meaning"]
+    assert d["hedged"] == (d["score"] < d["tau"]) and 1 <= len(d["best"]["token_ids"]) <= 6
+    proc = _run(["verbalize", "--card", "gemma3-270m", "--strategy", "guided", "--text", TEXT, "--k", "3", "--json", "--seed", "1",
+                 "--max-new-tokens", "6"])
+    assert proc.returncode == 0, proc.stderr
+    g = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert g["strategy"] == "guided" and len(g["candidates"]) == 3 and all(math.isfinite(c["score_cen"]) for c in g["candidates"])
+    assert all(1 <= len(c["token_ids"]) <= 6 for c in g["candidates"])
 
 
 @pytest.mark.e2e

@@ -9,8 +9,9 @@ to ``test-artifacts/load.json``: latency p50/p90/p99 (valid and invalid), throug
 peak RSS (``VmHWM``) and RSS over time, the queue settings, and the machine's load.
 
 Default run: 6 clients × 2–3 requests (``-m e2e``). ``-m slow``: 30 clients × 2–3 requests.
-Requests use K=2 and the app runs with ``NLA_SPACE_MAX_NEW_TOKENS=16`` so a burst finishes on a
-shared CPU; a request's time grows about linearly with both.
+Requests use best-of-K with K=2 (seed-dependent answers, so cross-talk would show) and the app runs
+with ``NLA_SPACE_MAX_NEW_TOKENS=16`` so a burst finishes on a shared CPU; a request's time grows
+about linearly with both.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ INVALID = [
 K = 2
 MAX_NEW_TOKENS = 16
 HEAD_K = 16  # the slow valid request that keeps the worker busy while invalid ones arrive
+#: Sampled decoding (the default card decodes greedily): K candidates that depend on the seed, so an
+#: answer mixed up with another request's would show.
+STRATEGY = "best-of-k"
+LAYER = 13  # the default card's layer
 CONCURRENCY = 1
 QUEUE_SIZE = 32
 
@@ -164,11 +169,11 @@ def _plan(n_clients: int) -> list[list[tuple[str, dict[str, Any], str | None]]]:
     for i in range(n_clients):
         text = TEXTS[i % len(TEXTS)]
         seed = i % 3
-        reqs = [("valid", dict(text=text, k=K, seed=seed), None)]
+        reqs = [("valid", dict(text=text, k=K, strategy=STRATEGY, seed=seed), None)]
         bad, msg = INVALID[i % len(INVALID)]
         reqs.append(("invalid", dict(bad), msg))
         if i % 3 == 0:
-            reqs.append(("valid", dict(text=TEXTS[(i + 1) % len(TEXTS)], k=K, seed=1), None))
+            reqs.append(("valid", dict(text=TEXTS[(i + 1) % len(TEXTS)], k=K, strategy=STRATEGY, seed=1), None))
         if i % 2:
             reqs.reverse()
         plans.append(reqs)
@@ -214,7 +219,7 @@ def _check(o: Outcome, reference: dict[tuple[str, int], dict[str, Any]]) -> None
     if not CONTRACT_KEYS <= set(r):
         o.problems.append(f"missing keys {CONTRACT_KEYS - set(r)}")
         return
-    if r["k"] != K or len(r["candidates"]) != K or r["seed"] != o.params["seed"] or r["layer"] != 21:
+    if r["k"] != K or len(r["candidates"]) != K or r["seed"] != o.params["seed"] or r["layer"] != LAYER:
         o.problems.append("k/seed/layer/candidates do not match the request")
     if r["best"] != r["candidates"][r["best_index"]] or r["hedged"] != (r["score"] < r["tau"]):
         o.problems.append("best/hedged inconsistent")
@@ -254,7 +259,7 @@ def invalid_while_busy(client: Any, n: int, timeout: float, workers: int = 1) ->
     refused with its reason on arrival (a validation error, not a queue slot): every refusal comes
     back before the valid requests finish."""
     t0 = time.monotonic()
-    heads = [client.submit(api_name="/verbalize", text=TEXTS[0], k=HEAD_K, seed=i) for i in range(workers)]
+    heads = [client.submit(api_name="/verbalize", text=TEXTS[0], k=HEAD_K, strategy=STRATEGY, seed=i) for i in range(workers)]
     time.sleep(0.5)  # the heads are running
     jobs = [(client.submit(api_name="/verbalize", **dict(INVALID[i % len(INVALID)][0])), time.monotonic()) for i in range(n)]
     counts = {"refused": 0, "queue_full": 0, "other": 0}
@@ -280,7 +285,7 @@ def invalid_while_busy(client: Any, n: int, timeout: float, workers: int = 1) ->
 def overflow(client: Any, n: int, timeout: float) -> dict[str, Any]:
     """A slow valid request occupies the worker; then ``n`` cheap valid ones (greedy, one token) arrive at
     once: those beyond the queue's size are refused as "queue full", the rest answered; none lost."""
-    head = client.submit(api_name="/verbalize", text=TEXTS[1], k=HEAD_K, seed=0)
+    head = client.submit(api_name="/verbalize", text=TEXTS[1], k=HEAD_K, strategy=STRATEGY, seed=0)
     time.sleep(0.5)
     jobs = [client.submit(api_name="/verbalize", text=TEXTS[i % len(TEXTS)], greedy=True, max_new_tokens=1, seed=i)
             for i in range(n)]
@@ -345,7 +350,7 @@ def run_burst(n_clients: int, artifacts: Path, variant: str, concurrency: int = 
         # Still serving afterwards: the page config and a fresh request.
         with urllib.request.urlopen(server.url + "config", timeout=30) as r:
             page_ok = r.status == 200
-        after = solo.predict(api_name="/verbalize", text="Still serving after the burst?", k=K, seed=0)
+        after = solo.predict(api_name="/verbalize", text="Still serving after the burst?", k=K, strategy=STRATEGY, seed=0)
         after_ok = CONTRACT_KEYS <= set(after) and len(after["candidates"]) == K
         peak = server.peak_rss_mb()
         rss_end = _rss_mb(server.proc.pid)
@@ -361,7 +366,7 @@ def run_burst(n_clients: int, artifacts: Path, variant: str, concurrency: int = 
         "measured_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "machine_before": load_before,
         "machine_after": _machine(),
-        "server": {"command": "python app.py", "card": "embedded (SmolLM2-135M-Instruct, L21)", "device": "cpu",
+        "server": {"command": "python app.py", "card": "embedded (Gemma-3-270M, L13)", "strategy": STRATEGY, "device": "cpu",
                    "NLA_SPACE_CONCURRENCY": concurrency, "NLA_SPACE_QUEUE_SIZE": QUEUE_SIZE,
                    "NLA_SPACE_MAX_NEW_TOKENS": MAX_NEW_TOKENS, "K": K, "startup_s": round(startup_s, 2)},
         "clients": n_clients,

@@ -78,10 +78,19 @@ def test_train_patch_learns_resumes_and_ships(tmp_path, capsys) -> None:
     card_file = tmp_path / "card.json"
     assert main(["patch-release", "--run", str(out), "--corpus", str(corpus), "--av-folder", str(tmp_path / "av"),
                  "--card-file", str(card_file), "--card-id", "local/tiny-patch", "--backbone", str(bb_dir),
-                 "--calibrate", "12", "--k", "2", "--target-precision", "0.5"]) == 0
+                 "--calibrate", "12", "--k", "2", "--target-precision", "0.5", "--title", "Tiny patch", "--description", "d"]) == 0
     card = json.loads(card_file.read_text())
     cal = card["patch"]["calibration"]
     assert card["kind"] == "patch" and card["default_tau"] == cal["tau"] and cal["n_val"] == 12
+    # a re-release without --title/--description keeps the card's own (and its calibration, with --calibrate 0),
+    # and the pool it already holds for the same backbone, layer and texts (not recomputed: same file)
+    pool = tmp_path / "av" / "pool.safetensors"
+    before = (pool.stat().st_ino, pool.stat().st_mtime_ns)
+    assert main(["patch-release", "--run", str(out), "--corpus", str(corpus), "--av-folder", str(tmp_path / "av"),
+                 "--card-file", str(card_file), "--card-id", "local/tiny-patch", "--backbone", str(bb_dir), "--k", "2"]) == 0
+    again = json.loads(card_file.read_text())
+    assert (again["title"], again["description"], again["patch"]["calibration"]) == ("Tiny patch", "d", cal)
+    assert (pool.stat().st_ino, pool.stat().st_mtime_ns) == before
     from nla_space.cards import find_card
     from nla_space.runtime import open_card
 

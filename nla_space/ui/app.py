@@ -135,8 +135,9 @@ def build_demo(concurrency: int | None = None, max_queue: int | None = None) -> 
         intro = gr.Markdown(
             "# Read an activation as a sentence\n"
             "Type a text: its hidden state at one layer of a frozen model is read at the last token, an "
-            "**activation verbalizer** samples K sentences from it, each is re-encoded and scored against the "
-            "original state, and the best one is shown — **hedged** when its score is under τ. "
+            "**activation verbalizer** writes a sentence from it (greedy, or the best of K candidates), each is "
+            "re-encoded and scored against the original state, and the best one is shown — **hedged** when its "
+            "score is under τ. "
             "See the About tab for how it works and its limits.",
             elem_id="intro", elem_classes=["nla-chrome"])
         with gr.Tabs():

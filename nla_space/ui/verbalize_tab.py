@@ -46,10 +46,13 @@ def settings(prefix: str, *, k: int = DEFAULT_K, greedy: bool = False, seed: int
     card = find_card(engine.default_card_id())
     with gr.Row():
         c = card_dropdown(f"{prefix}card")
+        # choices follow the card picked (card_changed); a custom value lets an API call name another card's
+        # layer in the same request, and the card itself refuses a layer it lacks (check_request)
         layer = gr.Dropdown(choices=list(card.layers), value=card.default_layer, label="Layer", scale=1,
-                            elem_id=f"{prefix}layer", info="hidden_states index the card supports")
+                            elem_id=f"{prefix}layer", info="hidden_states index the card supports", allow_custom_value=True)
     with gr.Accordion("Advanced", open=open_):
-        ks = gr.Slider(1, engine.APP_MAX_K, value=k, step=1, label="K (candidates to sample)", elem_id=f"{prefix}k")
+        ks = gr.Slider(1, engine.APP_MAX_K, value=k, step=1, label="K (candidates to sample)", elem_id=f"{prefix}k",
+                       info="used by best-of-K and guided decoding; greedy writes one candidate")
         tau = gr.Slider(0.0, 1.0, value=card.default_tau, step=0.01, label="τ (hedging threshold)", elem_id=f"{prefix}tau")
         temp = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature", elem_id=f"{prefix}temperature")
         sd = gr.Number(value=seed, precision=0, minimum=0, label="Seed", elem_id=f"{prefix}seed")

@@ -96,6 +96,11 @@ def compass_markdown(result: dict[str, Any]) -> str:
         return ("*Compass rerank: this card ships no compass, so only the oracle (re-encode) pick is shown.*"
                 if not result.get("greedy") else "")
     cands = result["candidates"]
+    name = comp.get("faith_model", "MiniLM").split("/")[-1]
+    if len(cands) == 1:  # greedy: nothing to rerank; the compass is a second opinion on the one answer
+        return (f"**Compass second opinion** ({name}): cosine {comp['conf']:.3f} vs τ {comp['tau']:.2f} → "
+                f"{'hedged' if comp['hedged'] else 'confident'} (the oracle says {result['score']:.3f} vs τ "
+                f"{result['tau']:.2f} → {'hedged' if result['hedged'] else 'confident'})")
     oracle_i, comp_i = result["best_index"], comp["best_index"]
     same = "the **same** candidate" if oracle_i == comp_i else "**different** candidates"
     def line(name: str, i: int, score: str, hedged: bool) -> str:
@@ -108,15 +113,24 @@ def compass_markdown(result: dict[str, Any]) -> str:
         "| rerank | score vs threshold | decision | pick |",
         "|---|---|---|---|",
         line("★ oracle (re-encode)", oracle_i, f"{result['score']:.3f} vs τ {result['tau']:.2f}", bool(result["hedged"])),
-        line(f"◆ compass ({comp.get('faith_model', 'MiniLM').split('/')[-1]})", comp_i,
+        line(f"◆ compass ({name})", comp_i,
              f"{comp['conf']:.3f} vs τ {comp['tau']:.2f} (cosine)", bool(comp["hedged"])),
     ])
+
+
+def decoding_label(result: dict[str, Any]) -> str:
+    """How a result was decoded, as the UI names it: ``greedy`` (one rollout; K does not apply),
+    ``guided-16``, ``best-of-16``."""
+    if result.get("greedy"):
+        return "greedy"
+    return f"{result.get('strategy', 'best-of-k').replace('best-of-k', 'best-of')}-{result['k']}"
 
 
 def timings_markdown(result: dict[str, Any]) -> str:
     t = result.get("timings", {})
     parts = [f"{k.removesuffix('_s')} {v:.2f} s" for k, v in t.items()]
-    head = f"card `{result['card']}` · layer {result['layer']} · K={result['k']} · T={result['temperature']} · seed {result['seed']}"
+    head = (f"card `{result['card']}` · layer {result['layer']} · {decoding_label(result)} · T={result['temperature']} · "
+            f"seed {result['seed']}")
     return head + ("  \ntimings: " + " · ".join(parts) if parts else "")
 
 
@@ -209,8 +223,7 @@ def best_text(result: dict[str, Any]) -> str:
 
 
 def compare_summary(result: dict[str, Any]) -> str:
-    mode = "greedy" if result.get("greedy") else f"{result.get('strategy', 'best-of-k').replace('best-of-k', 'best-of')}-{result['k']}"
-    return (f"**{mode}** · card `{result['card']}` · L{result['layer']} · T={result['temperature']} · seed {result['seed']}  \n"
+    return (f"**{decoding_label(result)}** · card `{result['card']}` · L{result['layer']} · T={result['temperature']} · seed {result['seed']}  \n"
             f"{score_kind(result)} score **{result['score']:.3f}** vs τ {result['tau']:.3f} → "
             f"{'hedged' if result['hedged'] else 'confident'} · {result['timings'].get('total_s', 0):.2f} s")
 
