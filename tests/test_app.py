@@ -141,6 +141,16 @@ def test_embed_snippet_and_present_flag() -> None:
     assert "googleapis" not in theme.CSS
 
 
+def test_about_tab_states_the_default_card_from_its_file() -> None:
+    from nla_space.cards import find_card
+    from nla_space.ui import about_tab
+
+    card = find_card(None)
+    md = about_tab.default_card_markdown(card)
+    assert card.description in md and f"| licence | {card.license} |" in md
+    assert f"| default decoding | {card.patch.default_strategy}" in md and card.patch.calibration.meaning() in md
+
+
 # ------------------------------------------------------------------------------------------------
 # The real app, launched on localhost
 

@@ -109,6 +109,7 @@ def default_card_markdown(card: Card) -> str:
         backbone += f" = {info.get('hub_equivalent', '?')}: {info.get('weights', '')}"
     rows.append(("backbone", backbone))
     rows.append(("layer", ", ".join(f"`hidden_states[{ell}]`" for ell in card.layers)))
+    rows.append(("licence", card.license))
     if card.patch is not None:
         strategy = card.patch.default_strategy
         rows.append(("default decoding", f"{strategy}" + (f", β {card.patch.guided_beta}" if strategy == "guided" else "")))
