@@ -57,7 +57,6 @@ def copy_av(run_best: Path, folder: Path) -> None:
             tmp.replace(folder / f)
 
 
-@torch.inference_mode()
 def pool_fingerprint(backbone: Backbone, layer: int, texts: list[str]) -> str:
     """What μ and the pool are a function of: the plain backbone's layer-ℓ states of the pool texts
     (blocks below ℓ carry no LoRA, so the AV does not enter)."""
@@ -74,6 +73,7 @@ def _stored_fingerprint(path: Path) -> str | None:
         return None
 
 
+@torch.inference_mode()
 def write_pool(backbone: Backbone, layer: int, corpus: Path, folder: Path, max_rows: int = 2000) -> dict[str, Any]:
     """μ and the specificity pool of the corpus's mu_pool split into ``folder``; kept as they are when
     the folder already holds them for the same backbone, layer and texts (a re-release that only
