@@ -2,7 +2,8 @@
 
 An eval is one :class:`~eval_harness.evals.base.EvalTask` class (its ``Config`` fields are its options);
 a tool is a module with ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
-Every command also takes ``--threads``. Bad input (:class:`nla_space.errors.NLAInputError`) prints
+Every command also takes ``--threads`` and ``--bf16-mode`` (``reference`` by default: a bfloat16 CPU
+backbone runs exactly as ``from_pretrained`` builds it, :mod:`nla_space.cpu_bf16`). Bad input (:class:`nla_space.errors.NLAInputError`) prints
 one ``error:`` line and exits with 2.
 """
 
@@ -13,10 +14,12 @@ import errno
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from nla_space import cpu_bf16
 from nla_space.errors import NLAInputError
 
 from .evals import EVALS
@@ -67,6 +70,9 @@ def build_parser(cmds: dict[str, Command]) -> argparse.ArgumentParser:
         cmd.add_arguments(p)
         p.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (1 avoids oversubscription on a shared CPU; default: torch's choice)")
+        p.add_argument("--bf16-mode", choices=cpu_bf16.MODES, default="reference",
+                       help="how a bfloat16 backbone runs on CPU: reference (default here: exactly as from_pretrained builds "
+                            "it, so published numbers reproduce) or fast (the app's float32 attention and packed weights)")
     return ap
 
 
@@ -82,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .evals.common import set_threads
 
         set_threads(args.threads)  # every command takes --threads: validated and applied here, once
+        os.environ[cpu_bf16.MODE_ENV] = args.bf16_mode  # read by every backbone load of this process
         return int(cmds[args.command].run(args) or 0)
     except NLAInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

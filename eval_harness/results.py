@@ -75,6 +75,17 @@ def device_info(device: Any) -> str:
     return f"{dev} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()})"
 
 
+def precision_info(backbone: Any) -> str:
+    """The backbone's compute dtype as a results file records it; a bfloat16 CPU backbone names its
+    mode (:mod:`nla_space.cpu_bf16`): ``bfloat16 (reference)`` or ``bfloat16 (fast)``."""
+    from nla_space import cpu_bf16
+
+    name = backbone.dtype_name
+    if name == "bfloat16" and backbone.device.type == "cpu":
+        name += f" ({cpu_bf16.mode_of(backbone.model)})"
+    return name
+
+
 def portable(value: Any, root: Path = REPO_ROOT) -> Any:
     """``value`` with every absolute path string made portable: relative to the repository (``root``)
     when under it, ``~/…`` when under the home folder; other values unchanged (dicts and lists walked)."""

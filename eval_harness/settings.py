@@ -16,6 +16,11 @@ import typing
 from typing import Any, Sequence
 
 
+#: the evals' ``--dtype`` help (one text for every eval that opens a card)
+DTYPE_HELP = ("backbone compute dtype: float32 or bfloat16 (default: float32 on CPU, the card's on CUDA); bfloat16 on CPU "
+              "runs in the mode of --bf16-mode, reference unless told otherwise")
+
+
 def setting(default: Any = dataclasses.MISSING, help: str | None = None, *, choices: Sequence[str] | None = None,
             option: bool = True, resumable: bool = False, negate: str | None = None, many: bool = False,
             extend: bool = False) -> Any:

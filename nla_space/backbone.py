@@ -18,7 +18,9 @@ card default, else bfloat16. On CPU the card default is ignored: float32 unless 
 for bfloat16 explicitly (opt-in; faster matmuls on CPUs with bf16 instructions, fidelity measured
 by ``python -m eval_harness bench --dtype bfloat16``), so shipped float32 numbers never change
 because a card says bfloat16. A bfloat16 CPU backbone computes attention in float32 and uses
-prepacked linear weights (:mod:`nla_space.cpu_bf16`). float16 is refused on CPU. Whatever the backbone dtype, activations,
+prepacked linear weights in the ``fast`` mode, and runs exactly as ``from_pretrained`` builds it in
+the ``reference`` mode (:mod:`nla_space.cpu_bf16`). A cast never rounds the buffers transformers
+keeps in float32 (:func:`cast_model`). float16 is refused on CPU. Whatever the backbone dtype, activations,
 re-encodings and scores leave the model as float32 (``activations.py``, ``reencode.py``,
 ``scoring.py``).
 """
@@ -182,9 +184,28 @@ class Backbone:
         return self.model.get_input_embeddings()(ids)
 
 
-def _freeze(model: Any, device: torch.device, dtype: torch.dtype) -> Any:
+#: buffers that ``from_pretrained(dtype=...)`` leaves in float32 whatever the dtype: the rotary
+#: embeddings' inverse frequencies (computed in float32 at init and used in float32 by every RoPE
+#: variant). A plain ``model.to(dtype)`` would round them too: on Phi-4 an angle error of up to
+#: 0.23 rad at position 150.
+FLOAT32_BUFFERS = ("inv_freq", "original_inv_freq")
+
+
+def cast_model(model: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
+    """``model.to(device, dtype)`` that keeps :data:`FLOAT32_BUFFERS` in float32, so a cast model
+    holds the same tensors as one loaded with ``from_pretrained(dtype=dtype)`` (tested on Llama,
+    Qwen2, Gemma-2 and Phi-3). Every cast of a backbone goes through here."""
+    kept = [(mod, name, buf.detach().clone()) for mod in model.modules() for name, buf in mod._buffers.items()
+            if name in FLOAT32_BUFFERS and buf is not None and buf.dtype == torch.float32]
     model.to(device=device, dtype=dtype)
-    cpu_bf16.prepare(model)  # bfloat16 on CPU: float32 attention, prepacked weights; else nothing
+    for mod, name, buf in kept:
+        mod._buffers[name] = buf.to(device=mod._buffers[name].device)
+    return model
+
+
+def _freeze(model: Any, device: torch.device, dtype: torch.dtype, bf16_mode: str | None = None) -> Any:
+    cast_model(model, device, dtype)
+    cpu_bf16.prepare(model, bf16_mode)  # bfloat16 on CPU, fast mode: float32 attention, prepacked weights; else nothing
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -386,10 +407,12 @@ def load_backbone(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     default_dtype: str | torch.dtype | None = None,
+    bf16_mode: str | None = None,
 ) -> Backbone:
     """Load and freeze the backbone named by ``spec`` (see the module docstring).
 
-    ``dtype``: explicit request (e.g. ``"bfloat16"`` on CPU); ``default_dtype``: the card's, CUDA only.
+    ``dtype``: explicit request (e.g. ``"bfloat16"`` on CPU); ``default_dtype``: the card's, CUDA only;
+    ``bf16_mode``: how a bfloat16 CPU backbone runs (:func:`nla_space.cpu_bf16.resolve_mode`).
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -403,7 +426,7 @@ def load_backbone(
     else:
         raise NLAInputError(f"backbone {spec!r} is neither embedded:NAME, an existing folder, nor a hub id ORG/NAME")
     model, tok = _load_folder(folder, dev, dt)
-    _freeze(model, dev, dt)
+    _freeze(model, dev, dt, bf16_mode)
     bb = Backbone(model=model, tokenizer=tok, spec=spec, revision=revision, source_path=str(folder))
     bb.load_seconds = time.perf_counter() - t0
     log.info("loaded backbone %s (%d layers, d=%d, %s on %s) in %.1f s", spec, bb.num_layers, bb.hidden_size,
@@ -421,22 +444,26 @@ def shared_backbone(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     default_dtype: str | torch.dtype | None = None,
+    bf16_mode: str | None = None,
 ) -> Backbone:
-    """:func:`load_backbone`, once per process and compute dtype (cards on the same backbone share it).
+    """:func:`load_backbone`, once per process, compute dtype and bfloat16 CPU mode (cards on the
+    same backbone share it).
 
     ``dtype`` is an explicit request, ``default_dtype`` the card's (CUDA only): see
-    :func:`resolve_dtype`. A float32 and a bfloat16 copy are distinct entries."""
+    :func:`resolve_dtype`. A float32 and a bfloat16 copy are distinct entries, and so are the two
+    modes of a bfloat16 CPU copy (:mod:`nla_space.cpu_bf16`)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, default_dtype)
-    key = (spec, revision, str(dev), str(dt))
+    mode = cpu_bf16.resolve_mode(bf16_mode) if (dev.type == "cpu" and dt == torch.bfloat16) else None
+    key = (spec, revision, str(dev), str(dt), mode)
     with _BACKBONES_LOCK:
         if key not in _BACKBONES:
-            _BACKBONES[key] = load_backbone(spec, revision=revision, device=dev, dtype=dt)
+            _BACKBONES[key] = load_backbone(spec, revision=revision, device=dev, dtype=dt, bf16_mode=mode)
         return _BACKBONES[key]
 
 
-def from_model(model: Any, tokenizer: Any, spec: str = "in-memory") -> Backbone:
+def from_model(model: Any, tokenizer: Any, spec: str = "in-memory", bf16_mode: str | None = None) -> Backbone:
     """Wrap an already-built model (tests, notebooks); it is frozen in place."""
     p = next(model.parameters())
-    _freeze(model, p.device, p.dtype)
+    _freeze(model, p.device, p.dtype, bf16_mode)
     return Backbone(model=model, tokenizer=tokenizer, spec=spec)

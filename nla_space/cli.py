@@ -9,15 +9,17 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
 
+from . import cpu_bf16
 from .io import jsonl_lines
 from .errors import NLAInputError
 from .backbone import CPU_DTYPES
-from .policy import STRATEGIES
-from .policy import MAX_K, MAX_NEW_TOKENS, Verbalization
+from .cards import find_card
+from .policy import DEFAULT_K, MAX_K, MAX_NEW_TOKENS, STRATEGIES, Verbalization, resolve_k, resolve_strategy
 from .sweep import LayerResult, sweep
 
 #: ``--layer all``: the layer sweep (:func:`nla_space.sweep.sweep`)
@@ -150,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--texts", help="JSON Lines file of {\"id\": ..., \"text\": ...}; model loaded once")
     v.add_argument("--layer", type=_layer, default=None,
                    help="layer (hidden_states index); default: the card's; 'all': sweep every layer of the card (same K, seed, τ)")
-    v.add_argument("--k", type=_finite("--k", int), default=16, help=f"candidates to sample, 1..{MAX_K} (default 16)")
+    v.add_argument("--k", type=_finite("--k", int), default=None,
+                   help=f"candidates of best-of-k or guided, 1..{MAX_K} (default {DEFAULT_K}); "
+                        "refused with greedy decoding (which writes one), the default card's default")
     v.add_argument("--tau", type=_finite("--tau", float), default=None, help="hedging threshold in [0, 1] (default: the card's)")
     v.add_argument("--temperature", type=_finite("--temperature", float), default=1.0)
     v.add_argument("--max-new-tokens", type=_finite("--max-new-tokens", int), default=None,
@@ -166,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", choices=CPU_DTYPES, default=None,
                    help="backbone compute dtype (default: $NLA_CPU_DTYPE on CPU, else float32 on CPU and the card's on CUDA); "
                         "bfloat16 on CPU is opt-in: faster matmuls, scores still float32")
+    v.add_argument("--bf16-mode", choices=cpu_bf16.MODES, default=None,
+                   help="how a bfloat16 backbone runs on CPU: fast (default, or $NLA_CPU_BF16: float32 attention, packed "
+                        "weights) or reference (exactly as from_pretrained builds it, as the reference code runs)")
     v.add_argument("--json", action="store_true", help="print one JSON object per input")
     c = sub.add_parser("cards", help="list the built-in cards")
     c.add_argument("--markdown", action="store_true", help="the Markdown table of the README and the About tab")
@@ -184,6 +191,11 @@ def _cmd_verbalize(args: argparse.Namespace) -> int:
         raise NLAInputError("--layer all sweeps the layers of a text: give --text or --texts (a raw vector belongs to one layer)")
     if args.vector and args.position is not None:
         raise NLAInputError("--position picks a token of a text; a raw --vector has no tokens")
+    if args.bf16_mode:  # the process's mode, read by every backbone load (nla_space.cpu_bf16.resolve_mode)
+        os.environ[cpu_bf16.MODE_ENV] = args.bf16_mode
+    # a K the decoding would not use is refused before the model loads (the card repeats the check)
+    resolve_k(args.k, resolve_strategy(args.strategy, args.greedy, find_card(args.card).default_strategy),
+              args.strategy is not None or args.greedy)
     opened = open_card(args.card, backbone=args.backbone, device=args.device, dtype=requested_dtype(args.dtype, args.device))
     params = dict(layer=args.layer, k=args.k, tau=args.tau, temperature=args.temperature,
                   max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed,

@@ -20,11 +20,21 @@ with the torch profiler on this project's CPU (2 cores, AVX-512 BF16), SmolLM2-1
   weight as before.
 
 float32 models are never touched: the float32 path stays bit-identical to the plain recipe.
+
+Modes (:data:`MODES`; :func:`resolve_mode` is the one place a mode is chosen)
+    ``fast`` (the default of the CLI and the app) does both of the above. It is a documented
+    deviation from the reference recipes, which run plain bfloat16 ``sdpa``: greedy decodes can
+    differ from theirs in the last bits, and so then can the words.
+    ``reference`` leaves a bfloat16 model exactly as ``from_pretrained(dtype=torch.bfloat16)``
+    builds it (bfloat16 attention, plain linear layers), so its outputs equal the reference code's on
+    the same machine; the harness's evals use it (``--bf16-mode``). Choose it with ``--bf16-mode
+    reference`` or ``NLA_CPU_BF16=reference``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from typing import Any
 
@@ -32,12 +42,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import NLAInputError
+
 log = logging.getLogger(__name__)
 
 #: the attention implementation registered with ``transformers``
 ATTENTION = "nla_sdpa_float32"
 #: linear weights larger than this in total (bytes) are not packed
 MAX_PACKED_BYTES = 4 << 30
+
+#: bfloat16-on-CPU modes (module docstring)
+MODES = ("fast", "reference")
+#: environment variable naming the mode for a process (read by :func:`resolve_mode` only)
+MODE_ENV = "NLA_CPU_BF16"
 
 _REGISTERED = False
 #: module → (packed weight, (data_ptr, version) of the weight it was packed from)
@@ -107,12 +124,29 @@ def _unpack(model: nn.Module) -> None:
             m.__class__ = nn.Linear
 
 
-def prepare(model: Any) -> None:
-    """Make ``model`` fast for its current dtype and device (see the module docstring); idempotent."""
+def resolve_mode(mode: str | None = None) -> str:
+    """The bfloat16 CPU mode: ``mode`` when given, else ``$NLA_CPU_BF16``, else ``fast``; anything
+    else is refused with one readable line."""
+    chosen = mode if mode is not None else (os.environ.get(MODE_ENV, "").strip() or "fast")
+    if chosen not in MODES:
+        where = "bf16 mode" if mode is not None else f"{MODE_ENV}="
+        raise NLAInputError(f"{where}{chosen!r} is not a bfloat16 CPU mode: use {' or '.join(MODES)}")
+    return chosen
+
+
+def mode_of(model: Any) -> str:
+    """``fast`` when :func:`prepare` switched ``model``'s attention, else ``reference`` (a plain model)."""
+    return "fast" if getattr(model.config, "_attn_implementation", None) == ATTENTION or any(
+        type(m) is PackedLinear for m in model.modules()) else "reference"
+
+
+def prepare(model: Any, mode: str | None = None) -> None:
+    """Make ``model`` fast for its current dtype and device in the ``fast`` mode, or leave it plain
+    in the ``reference`` mode (:func:`resolve_mode`; module docstring); idempotent."""
     _unpack(model)
     p = next(model.parameters())
     impl = getattr(model.config, "_attn_implementation", None)
-    if p.device.type != "cpu" or p.dtype != torch.bfloat16:
+    if p.device.type != "cpu" or p.dtype != torch.bfloat16 or resolve_mode(mode) == "reference":
         if impl == ATTENTION:
             model.set_attn_implementation("sdpa")
         return

@@ -28,6 +28,8 @@ STRATEGIES = ("best-of-k", "guided", "greedy")
 
 #: Largest K the CLI and the app accept.
 MAX_K = 256
+#: K of a sampling strategy (best-of-K, guided) when the request names none
+DEFAULT_K = 16
 MAX_NEW_TOKENS = 256
 
 #: ``progress(fraction, message)``: how a verbalize or a sweep reports its advance
@@ -285,6 +287,22 @@ def resolve_strategy(strategy: str | None, greedy: bool, default: str) -> str:
     if strategy not in STRATEGIES:
         raise NLAInputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     return strategy
+
+
+def resolve_k(k: int | None, strategy: str, strategy_named: bool) -> int:
+    """The number of candidates of a request: ``k`` as given, :data:`DEFAULT_K` when None, 1 for greedy.
+
+    Greedy writes one candidate, so a request whose decoding is greedy and that asks for K > 1 is
+    refused rather than answered with one candidate in silence; the message names the strategies
+    that use K. ``strategy_named``: the request named the strategy (else it is the card's default)."""
+    if k is None:
+        return 1 if strategy == "greedy" else DEFAULT_K
+    if strategy == "greedy" and isinstance(k, int) and not isinstance(k, bool) and k > 1:
+        why = "the request asks for greedy decoding" if strategy_named else "greedy is this card's default decoding"
+        raise NLAInputError(f"k={k} asks for {k} candidates, but {why}, which writes one: add strategy 'best-of-k' "
+                            f"(--strategy best-of-k) to sample {k}, or 'guided' to search with {k}; or leave k out",
+                            field="k")
+    return k
 
 
 def check_params(k: int, tau: float, temperature: float, max_new_tokens: int, seed: int | None = None) -> None:

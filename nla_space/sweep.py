@@ -63,7 +63,7 @@ def sweep(
     text: str,
     layers: Sequence[int] | None = None,
     *,
-    k: int = 16,
+    k: int | None = None,
     tau: float | None = None,
     temperature: float = 1.0,
     max_new_tokens: int | None = None,

@@ -79,8 +79,17 @@ def test_score_plot_draws_tau_and_anchors() -> None:
 def test_check_request_refuses_bad_input() -> None:
     from nla_space.ui import engine
 
-    ok = engine.check_request(TEXT, card="embedded", k=4.0, seed=3.0)
+    ok = engine.check_request(TEXT, card="embedded", k=4.0, seed=3.0, strategy="best-of-k")
     assert ok.k == 4 and ok.seed == 3 and ok.card == "nla-space/gemma3-270m-L13-patch"
+    # K: 16 for a sampling strategy when not given, 1 for greedy (the default card's default), and an explicit
+    # K > 1 with greedy is refused by name, except from the app's K slider (which says it serves best-of-K and guided)
+    assert engine.check_request(TEXT, strategy="guided").k == 16 and engine.check_request(TEXT).k == 1
+    assert engine.check_request(TEXT, k=8, k_is_slider=True).k == 1
+    assert engine.check_request(TEXT, k=8, k_is_slider=True, strategy="guided").k == 8
+    for bad in (dict(k=4), dict(k=4, strategy="greedy"), dict(k=4, greedy=True)):
+        with pytest.raises(NLAInputError, match="best-of-k") as e:
+            engine.check_request(TEXT, **bad)
+        assert e.value.field == "k"
     for bad in (dict(text=""), dict(text="   "), dict(text="x" * (engine.MAX_TEXT_CHARS + 1)), dict(text=TEXT, k=0),
                 dict(text=TEXT, k=engine.APP_MAX_K + 1), dict(text=TEXT, k=2.5), dict(text=TEXT, card="no-such-card"),
                 dict(text=TEXT, tau=1.5), dict(text=TEXT, temperature=float("nan")), dict(text=TEXT, layer=3)):
@@ -196,9 +205,13 @@ def test_api_returns_the_cli_json_contract(client) -> None:
     params = [p["parameter_name"] for p in named["/verbalize"]["parameters"]]
     assert params == ["text", "card", "layer", "k", "tau", "temperature", "seed", "strategy", "greedy", "max_new_tokens", "position"]
 
-    out = client.predict(TEXT, k=4, seed=0, api_name="/verbalize")
+    out = client.predict(TEXT, seed=0, api_name="/verbalize")
     assert CONTRACT_KEYS <= set(out)  # keys may be added to the contract, never removed
-    # the default card decodes greedily: one candidate whatever K says
+    # the default card decodes greedily: one candidate, and a K it would not use is refused before the queue
+    from gradio_client.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="strategy"):
+        client.predict(TEXT, k=4, seed=0, api_name="/verbalize")
     assert out["k"] == 1 and out["strategy"] == "greedy" and out["greedy"] is True and len(out["candidates"]) == 1
     assert out["layer"] == 13
     guided = client.predict(TEXT, k=3, seed=0, strategy="guided", max_new_tokens=8, api_name="/verbalize")
@@ -209,7 +222,7 @@ def test_api_returns_the_cli_json_contract(client) -> None:
     # The same object as `python -m nla_space verbalize --json` (same runtime path, same seed).
     from nla_space.ui import engine
 
-    direct = engine.get_open("embedded").verbalize(text=TEXT, k=4, seed=0).to_dict()
+    direct = engine.get_open("embedded").verbalize(text=TEXT, seed=0).to_dict()
     assert set(out) == set(direct)
     for key in set(direct) - {"timings"}:
         assert out[key] == pytest.approx(direct[key]) if isinstance(direct[key], float) else out[key] == direct[key], key
@@ -219,7 +232,7 @@ def test_api_returns_the_cli_json_contract(client) -> None:
 def test_sweep_api_returns_the_cli_sweep_contract(client) -> None:
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert [p["parameter_name"] for p in named["/sweep"]["parameters"]] == ["text", "card", "k", "tau", "temperature", "seed"]
-    out = client.predict(TEXT, k=2, seed=0, api_name="/sweep")  # the embedded card has one layer: one entry
+    out = client.predict(TEXT, seed=0, api_name="/sweep")  # the embedded card has one layer: one entry
     assert list(out) == ["sweep"] and [e["layer"] for e in out["sweep"]] == [13]
     assert CONTRACT_KEYS | {"depth_pct"} <= set(out["sweep"][0]) and out["sweep"][0]["depth_pct"] is None
 

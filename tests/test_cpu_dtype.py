@@ -167,3 +167,57 @@ def test_cli_bad_dtype_is_one_line_exit_2(folders, capsys, monkeypatch, argv_ext
     lines = [ln for ln in out.err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and out.out == "", out.err
     assert ("--dtype" in lines[0]) if env is None else ("NLA_CPU_DTYPE" in lines[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3"])
+def test_every_cast_leaves_the_tensors_from_pretrained_gives(tmp_path, arch):
+    """``from_pretrained(dtype=bfloat16)`` keeps the rotary ``inv_freq`` buffers float32; the project's
+    load path, ``from_model`` and the casts of ``cast_model`` hold the same tensors (buffers and
+    parameters, dtype and value) and decode the same greedy ids; a plain ``model.to`` would not."""
+    from transformers import AutoModelForCausalLM
+
+    from nla_space.backbone import cast_model, from_model, load_backbone
+
+    folder = tiny.save_backbone(tmp_path / arch, arch)
+    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+    loaded = load_backbone(str(folder), device="cpu", dtype="bfloat16", bf16_mode="reference").model
+    cast = cast_model(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32), dtype=torch.bfloat16)
+    wrapped = from_model(cast_model(AutoModelForCausalLM.from_pretrained(str(folder)), dtype=torch.bfloat16),
+                         tiny.make_tokenizer(), bf16_mode="reference").model
+    plain = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(torch.bfloat16)
+    want = dict(ref.named_buffers()) | dict(ref.named_parameters())
+    assert any(n.endswith("inv_freq") and t.dtype == torch.float32 for n, t in want.items())
+    for model in (loaded, cast, wrapped):
+        got = dict(model.named_buffers()) | dict(model.named_parameters())
+        assert set(got) == set(want)
+        for name, t in want.items():
+            assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    assert any(b.dtype != want[n].dtype for n, b in plain.named_buffers())  # what the cast used to give
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        expect = ref.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        for model in (loaded, cast, wrapped):
+            assert torch.equal(model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0), expect)
+
+
+def test_bf16_mode_is_checked_and_cached_apart(folders, monkeypatch):
+    """``NLA_CPU_BF16`` / ``bf16_mode`` choose the bfloat16 CPU mode; an unknown one is refused by name;
+    the fast and reference copies are distinct shared backbones, and a results file can tell them apart."""
+    from eval_harness.results import precision_info
+    from nla_space import cpu_bf16
+    from nla_space.backbone import shared_backbone
+
+    monkeypatch.setenv("NLA_CPU_BF16", "turbo")
+    with pytest.raises(NLAInputError, match="NLA_CPU_BF16"):
+        cpu_bf16.resolve_mode()
+    monkeypatch.delenv("NLA_CPU_BF16")
+    assert cpu_bf16.resolve_mode() == "fast"
+    with pytest.raises(NLAInputError, match="bf16 mode"):
+        cpu_bf16.resolve_mode("turbo")
+    spec = str(folders["bb"])
+    fast = shared_backbone(spec, None, "cpu", "bfloat16", bf16_mode="fast")
+    exact = shared_backbone(spec, None, "cpu", "bfloat16", bf16_mode="reference")
+    assert fast is not exact and cpu_bf16.mode_of(exact.model) == "reference"
+    assert precision_info(exact) == "bfloat16 (reference)"
+    assert precision_info(shared_backbone(spec, None, "cpu", None)) == "float32"
+    assert exact.model.config._attn_implementation == "sdpa"

@@ -92,8 +92,10 @@ def test_cli_embedded_bad_layer_exits_2():
 def test_cli_verbalize_default_card_gemma3_greedy():
     """The default card (``embedded``, alias ``gemma3-270m``: a patch AV on Gemma-3-270M from PyPI, layer 13;
     the first call converts the GGUF into the cache, ~1 min) decodes greedily with a calibrated
-    confidence: one candidate, whatever K says; ``--strategy guided`` gives K."""
-    proc = _run(["verbalize", "--text", TEXT, "--k", "3", "--json", "--seed", "1", "--max-new-tokens", "6"])
+    confidence: one candidate; ``--strategy guided`` gives K, and a ``--k`` that greedy would drop is refused."""
+    refused = _run(["verbalize", "--text", TEXT, "--k", "3", "--json"])
+    assert refused.returncode == 2 and "--strategy best-of-k" in refused.stderr and not refused.stdout
+    proc = _run(["verbalize", "--text", TEXT, "--json", "--seed", "1", "--max-new-tokens", "6"])
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout.strip().splitlines()[-1])
     assert d["card"] == "nla-space/gemma3-270m-L13-patch" and d["layer"] == 13 and d["trained"] is True

@@ -455,3 +455,64 @@ def test_compass_scored_card_uses_the_same_policy(setup, opened, tmp_path):
     ref = 0.5 * (1 + E @ t)
     torch.testing.assert_close(torch.tensor([c.score_raw for c in res.candidates], dtype=torch.float64), ref, rtol=1e-4, atol=1e-5)
     assert res.best_index == int(ref.argmax()) and not res.centered
+
+
+BF16_TEXTS = ["the cat is on the old tree", "a small dog and a large bird", "the king of france was happy",
+              "music is the light of the world", "two ships on the dark sea", "the student read a book at night"]
+
+
+def _plain_bf16_decodes(setup, layer: int, n_new: int = 12) -> list[tuple[torch.Tensor, list[int]]]:
+    """The reference recipe in bfloat16 with plain transformers + peft (none of nla_space): the base
+    model from ``from_pretrained(dtype=bfloat16)``, v read with the adapter off, the marker row replaced
+    by v·150/‖v‖ cast to bfloat16, greedy ``generate`` with the adapter on."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(setup.base), dtype=torch.bfloat16).eval()
+    pm = PeftModel.from_pretrained(base, str(setup.av)).eval()
+    pct = {3: 47, 2: 25}[layer]
+    ids = setup.ref_prompt(pct)
+    pos = ids.index(setup.marker_id)
+    out = []
+    for text in BF16_TEXTS:
+        chat = setup.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        with torch.no_grad():
+            with pm.disable_adapter():
+                v = pm(input_ids=torch.tensor([setup.tok(chat)["input_ids"]]), output_hidden_states=True).hidden_states[layer][0, -1].float()
+            emb = pm.get_input_embeddings()(torch.tensor([ids])).clone()
+            emb[0, pos] = (v * (150.0 / v.norm())).to(torch.bfloat16)
+            ref = pm.generate(inputs_embeds=emb, attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n_new,
+                              do_sample=False, pad_token_id=setup.tok.pad_token_id, eos_token_id=setup.tok.eos_token_id)
+        out.append((v, ref[0].tolist()))
+    return out
+
+
+def _card_decodes(oc, layer: int, n_new: int = 12) -> list[tuple[torch.Tensor, list[int]]]:
+    out = []
+    for text in BF16_TEXTS:
+        v = oc.extract(text, layer)
+        roll = oc.rollout(v, 1, 1.0, n_new, True, 0, layer)
+        out.append((v, roll.ids[0, : int(roll.mask[0].sum())].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("layer", [3, 2])
+def test_bfloat16_reference_mode_decodes_like_plain_bfloat16_transformers(setup, layer, monkeypatch):
+    """``NLA_CPU_BF16=reference`` (the harness's default): the card in bfloat16 on CPU reads the same v
+    and writes the same greedy ids as the plain bf16 recipe, case by case; its rotary frequencies stay
+    float32 as ``from_pretrained`` keeps them."""
+    monkeypatch.setenv("NLA_CPU_BF16", "reference")
+    oc = open_card(setup.card(), device="cpu", dtype="bfloat16")
+    model = oc.av.backbone.model
+    assert oc.av.backbone.dtype == torch.bfloat16
+    assert {n: b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")} and all(
+        b.dtype == torch.float32 for n, b in model.named_buffers() if n.endswith("inv_freq"))
+    ref = _plain_bf16_decodes(setup, layer)
+    got = _card_decodes(oc, layer)
+    for (v_ref, ids_ref), (v, ids) in zip(ref, got):
+        torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
+        assert ids == ids_ref[: len(ids)] and len(ids) > 0
+    # the fast mode (the app's: float32 attention) is a documented deviation, and this fixture shows it
+    monkeypatch.setenv("NLA_CPU_BF16", "fast")
+    fast = _card_decodes(open_card(setup.card(), device="cpu", dtype="bfloat16"), layer)
+    assert any(not torch.equal(f[0], r[0]) or f[1] != r[1][: len(f[1])] for f, r in zip(fast, ref))

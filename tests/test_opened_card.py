@@ -69,9 +69,14 @@ def test_verbalize_with_every_strategy(cards, kind) -> None:
     oc = cards[kind]
     layer = oc.check_layer(None)
     for strategy in STRATEGIES:
-        res = oc.verbalize(text=TEXT, k=3, seed=0, strategy=strategy, max_new_tokens=5)
+        k = None if strategy == "greedy" else 3
+        res = oc.verbalize(text=TEXT, k=k, seed=0, strategy=strategy, max_new_tokens=5)
         assert res.strategy == strategy and res.layer == layer and res.candidates
         assert len(res.candidates) <= res.k == (1 if strategy == "greedy" else 3)
+        if strategy == "greedy":  # an explicit K that greedy would drop is refused, naming the strategies that use it
+            with pytest.raises(NLAInputError, match="best-of-k") as e:
+                oc.verbalize(text=TEXT, k=3, strategy=strategy, max_new_tokens=5)
+            assert e.value.field == "k"
         d = res.to_dict()
         assert {"position", "read_token"} <= set(d) and all(n["kind"] in NOTE_KINDS for n in d["notes"])
         if kind == "injection":  # read at the chat template's last token: not a token of the text
@@ -291,7 +296,7 @@ def test_a_new_kind_is_its_own_module_plus_one_registry_line(tmp_path, monkeypat
     oc = open_card(str(card_file))
     assert isinstance(oc, BlindCard)
     for strategy in STRATEGIES:
-        res = oc.verbalize(text=TEXT, k=3, seed=0, strategy=strategy, max_new_tokens=4)
+        res = oc.verbalize(text=TEXT, k=None if strategy == "greedy" else 3, seed=0, strategy=strategy, max_new_tokens=4)
         assert res.strategy == strategy and res.best.text == res.candidates[res.best_index].text
     at = oc.verbalize(text=TEXT, k=2, seed=0, position=1, max_new_tokens=4)
     assert at.position == 1 and at.read_token.strip() == WORDS[1]

@@ -73,7 +73,7 @@ def test_guided_and_best_of_k_through_the_one_verbalize_flow(patch_card) -> None
     a = oc.verbalize(text="the king and the queen", k=4, seed=3)  # card default: guided
     b = oc.verbalize(text="the king and the queen", k=4, seed=3, strategy="guided")
     c = oc.verbalize(text="the king and the queen", k=4, seed=3, strategy="best-of-k")
-    g = oc.verbalize(text="the king and the queen", k=4, seed=3, greedy=True)
+    g = oc.verbalize(text="the king and the queen", seed=3, greedy=True)
     assert a.strategy == "guided" and c.strategy == "best-of-k" and g.strategy == "greedy" and g.k == 1
     assert [x.text for x in a.candidates] == [x.text for x in b.candidates]  # seeded
     assert 1 <= len(a.candidates) <= 4 and len({x.text for x in a.candidates}) == len(a.candidates) or len(a.candidates) <= 4

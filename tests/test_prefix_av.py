@@ -61,7 +61,7 @@ def write_release(folder: Path, d: int, num_prefix: int = 1, seed: int = 0, laye
     W = torch.randn(d, d, generator=g) * scale
     P = torch.randn(num_prefix, d, generator=g) * scale
     wrapper = {
-        "trainable": {"proj.weight": W.clone(), "prefix_embeds": P.clone()},
+        "trainable": {"proj.weight": W.clone(), **({"prefix_embeds": P.clone()} if num_prefix else {})},
         "step": 5000,
         "cfg": {"out_dir": pathlib.PosixPath("/x/y"), "lr": 3e-5},
     }
@@ -115,7 +115,8 @@ def test_release_greedy_equals_plain_generate(saved_backbones, tmp_path, arch, n
         v = torch.randn(32, generator=torch.Generator().manual_seed(100 + vseed)) * 2.0
         res = oc.verbalize(vector=v, greedy=True, max_new_tokens=n_new, seed=vseed)
 
-        prefix = torch.cat([(W @ v)[None], P], dim=0)[None]  # (1, 1+P, d)
+        # (1, 1+P, d), rounded to the config's backbone_dtype (bfloat16) as the reference casts it
+        prefix = torch.cat([(W @ v)[None], P], dim=0)[None].to(torch.bfloat16).float()
         if arch == "gemma2":
             # transformers 5.x scales inside the embedding module, so inputs_embeds arrive unscaled;
             # the releases were trained when the model multiplied inputs_embeds by sqrt(hidden).
@@ -147,7 +148,8 @@ def test_gemma2_embed_scale_is_sqrt_hidden(saved_backbones, tmp_path):
     assert oc.backbone.embed_scale == pytest.approx(math.sqrt(32.0), rel=1e-6)
     v = torch.randn(32)
     x = oc.av.embeds(v, oc.backbone)
-    torch.testing.assert_close(x, oc.av.inject(v) * math.sqrt(32.0), rtol=1e-6, atol=1e-6)
+    # the config says bfloat16: the prefix is rounded there first, as the reference casts it
+    torch.testing.assert_close(x, oc.av.inject(v).to(torch.bfloat16).float() * math.sqrt(32.0), rtol=1e-6, atol=1e-6)
     oc_llama = open_card(str(rel), backbone=str(saved_backbones["llama"]))
     assert oc_llama.backbone.embed_scale == 1.0
 
@@ -258,3 +260,36 @@ def test_open_card_refuses_unsupported_layer(saved_backbones, tmp_path):
         open_card(str(tmp_path / "rel-deep"), backbone=str(saved_backbones["llama"])).verbalize(
             vector=torch.randn(32), greedy=True, max_new_tokens=2
         )
+
+
+def test_a_bfloat16_card_on_a_float32_backbone_rounds_its_prefix_like_the_reference(saved_backbones, tmp_path):
+    """The reference casts its float32 prefix to the config's ``backbone_dtype`` at the boundary, so a
+    bfloat16 card run on a float32 backbone (the project's CPU default) feeds bf16-rounded values. The
+    fixture (no static prefix: the first token is read off the injected slot itself, so it has many
+    near-ties) has greedy decodes that differ with and without that rounding; the card decodes like
+    the rounding reference on every one of them, and a float32 card does not round."""
+    bb_dir = saved_backbones["llama"]
+    rel = tmp_path / "release-bf16"
+    W, P = write_release(rel, d=32, num_prefix=0, seed=0)
+    oc = open_card(str(rel), backbone=str(bb_dir))
+    assert oc.av.cfg.backbone_dtype == "bfloat16" and oc.backbone.dtype == torch.float32
+    model = plain_model(bb_dir, oc.backbone.model.config._attn_implementation)
+
+    def plain_greedy(v: torch.Tensor, rounded: bool) -> list[int]:
+        prefix = (W @ v)[None, None]
+        if rounded:
+            prefix = prefix.to(torch.bfloat16).float()
+        with torch.no_grad():
+            return model.generate(inputs_embeds=prefix, attention_mask=torch.ones(1, 1, dtype=torch.long), do_sample=False,
+                                  max_new_tokens=8, pad_token_id=PAD, eos_token_id=EOS)[0].tolist()
+
+    vs = torch.randn(300, 32, generator=torch.Generator().manual_seed(7)) * 2.0
+    differ = [v for v in vs if plain_greedy(v, True) != plain_greedy(v, False)]
+    assert len(differ) >= 2, "the fixture must tell the two recipes apart"
+    for v in differ:
+        assert oc.verbalize(vector=v, greedy=True, max_new_tokens=8).best.token_ids == plain_greedy(v, True)
+
+    cfg32 = json.loads((rel / "config.json").read_text()) | {"backbone_dtype": "float32"}
+    (rel / "config.json").write_text(json.dumps(cfg32))
+    oc32 = open_card(str(rel), backbone=str(bb_dir))
+    assert all(oc32.verbalize(vector=v, greedy=True, max_new_tokens=8).best.token_ids == plain_greedy(v, False) for v in differ)

@@ -29,12 +29,13 @@ from typing import Any, Sequence
 
 import torch
 
+from nla_space.backbone import CPU_DTYPES
 from nla_space.errors import NLAInputError
 from nla_space.runtime import OpenedCard, open_card
 from nla_space.scoring import anisotropy_mu
 
 from ..data.dataset import TargetSet, load_target_set
-from ..settings import setting
+from ..settings import DTYPE_HELP, setting
 from .common import check_positive, pool_rows, require_card_kind
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class CardTargetsConfig:
     limit: int | None = setting(None, "evaluate at most this many targets (smoke runs; recorded in meta)")
     resume: bool = setting(False, "continue an interrupted run from <out>.partial.jsonl")
     device: str | None = setting(None)
+    dtype: str | None = setting(None, DTYPE_HELP, choices=CPU_DTYPES)
 
 
 @dataclass
@@ -105,7 +107,7 @@ class CardTargets:
         return f"L{layer}({pct}%)"
 
     def meta_fields(self, args: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        from ..results import device_info
+        from ..results import device_info, precision_info
 
         card, bb = self.oc.card, self.oc.backbone
         return {
@@ -122,6 +124,7 @@ class CardTargets:
             "pool_size": len(self.pool),
             "mu_source": f"mean of the first {len(self.pool)} rows of the targets' mu_pool split (disjoint from the test split)",
             "device": device_info(bb.device),
+            "precision": precision_info(bb),
             **(extra or {}),
         }
 
@@ -144,7 +147,7 @@ def open_card_targets(args: Any, n_targets: int | None, supported: Sequence[str]
     check_writable(Path(args.out).parent, "results JSON")  # before any work: a full or read-only disk fails now
     require_card_kind(args.card, supported, command)
     ts = load_target_set(args.targets)
-    oc = open_card(args.card, backbone=args.backbone, device=args.device)
+    oc = open_card(args.card, backbone=args.backbone, device=args.device, dtype=args.dtype)
     layers = [oc.check_layer(L) for L in (args.layer or [None])]
     if len(set(layers)) != len(layers):
         raise NLAInputError(f"--layer lists a layer twice: {layers}")

@@ -39,6 +39,7 @@ import torch
 from nla_space.activations import pad_rows
 from nla_space.backbone import Backbone
 from nla_space.cards import Card, find_card
+from nla_space.backbone import CPU_DTYPES
 from nla_space.errors import NLAInputError
 from nla_space.policy import score_vectors
 from nla_space.reencode import reencode_ids
@@ -47,7 +48,7 @@ from nla_space.runtime import CARD_KINDS, OpenCard, open_card
 from nla_space.scoring import anisotropy_mu, pairwise_fve
 
 from ..data.dataset import TargetSet, load_target_set
-from ..settings import setting
+from ..settings import DTYPE_HELP, setting
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class SampledConfig:
     resume: bool = setting(False, "continue an interrupted run from <out>.partial.jsonl")
     log_samples: Path | None = setting(None, "per-target samples as JSON Lines")
     device: str | None = setting(None)
+    dtype: str | None = setting(None, DTYPE_HELP, choices=CPU_DTYPES)
     note: str | None = setting(None, "free text recorded as meta.note (e.g. where the AV was trained)")
 
 
@@ -237,7 +239,7 @@ class EvalRun:
     def meta_fields(self, args: Any, M_requested: int) -> dict[str, Any]:
         card = self.oc.card
         bb = self.backbone
-        from ..results import device_info
+        from ..results import device_info, precision_info
 
         return {
             "card": card.id,
@@ -266,6 +268,7 @@ class EvalRun:
             "av_weights": self.av_weights,
             "note": getattr(args, "note", None),
             "device": device_info(bb.device),
+            "precision": precision_info(bb),
         }
 
     def fingerprint(self, command: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -295,7 +298,7 @@ def open_run(args: Any, supported: Sequence[str], command: str) -> EvalRun:
         raise NLAInputError(f"--temperature must be ≥ 0, got {args.temperature}")
     require_card_kind(args.card, supported, command)
     ts = load_target_set(args.targets)
-    oc = open_card(args.card, backbone=args.backbone, device=args.device)
+    oc = open_card(args.card, backbone=args.backbone, device=args.device, dtype=args.dtype)
     digest = weights_digest(oc)
     layer = oc.check_layer(None)
     check_targets(ts, oc.backbone, layer)

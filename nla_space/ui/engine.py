@@ -175,7 +175,7 @@ def check_request(
     text: Any,
     card: Any = None,
     layer: Any = None,
-    k: Any = 16,
+    k: Any = None,
     tau: Any = None,
     temperature: Any = 1.0,
     seed: Any = 0,
@@ -183,8 +183,14 @@ def check_request(
     max_new_tokens: Any = None,
     strategy: Any = None,
     position: Any = None,
+    k_is_slider: bool = False,
 ) -> Request:
-    """Normalise and check one request; raise :class:`NLAInputError` with a readable message."""
+    """Normalise and check one request; raise :class:`NLAInputError` with a readable message.
+
+    ``k`` None is :data:`~nla_space.policy.DEFAULT_K` for a sampling strategy and 1 for greedy; an
+    explicit K > 1 with greedy decoding is refused (:func:`~nla_space.policy.resolve_k`), except
+    from the Verbalize tab's K slider (``k_is_slider``), which always holds a value and says it is
+    used by best-of-K and guided only."""
     if not isinstance(text, str) or not text.strip():
         raise NLAInputError("the text is empty: type something to verbalize", field="text")
     if len(text) > MAX_TEXT_CHARS:
@@ -196,21 +202,33 @@ def check_request(
     except NLAInputError as exc:
         raise NLAInputError(str(exc), field="card") from exc
     layer_i = None if layer in (None, "") else _as_int("layer", layer, 0, 10_000)
+    strategy_v = _as_strategy(strategy, bool(greedy))
     if layer_i is not None and layer_i not in found.layers:
         raise NLAInputError(f"card {found.id} supports layer(s) {found.layers}, not {layer_i}", field="layer")
     return Request(
         card=found.id,
         text=text,
         layer=layer_i,
-        k=_as_int("k", k, 1, APP_MAX_K),
+        k=_resolved_k(found, k, strategy_v, bool(greedy), k_is_slider),
         tau=None if tau in (None, "") else _as_float("tau", tau, 0.0, 1.0),
         temperature=_as_float("temperature", temperature, 0.0, 5.0),
         seed=None if seed in (None, "") else _as_int("seed", seed, 0, 2**63 - 1),
         greedy=bool(greedy),
         max_new_tokens=None if max_new_tokens in (None, "") else _as_int("max_new_tokens", max_new_tokens, 1, APP_MAX_NEW_TOKENS),
-        strategy=_as_strategy(strategy, bool(greedy)),
+        strategy=strategy_v,
         position=None if position in (None, "") else _as_int("position", position, -MAX_TEXT_CHARS, MAX_TEXT_CHARS),
     )
+
+
+def _resolved_k(card: Card, k: Any, strategy: str | None, greedy: bool, k_is_slider: bool) -> int:
+    """The request's K (:func:`check_request`): checked, defaulted, refused when greedy would drop it."""
+    from ..policy import resolve_k, resolve_strategy
+
+    k_i = None if k in (None, "") else _as_int("k", k, 1, APP_MAX_K)
+    decoding = resolve_strategy(strategy, greedy, card.default_strategy)
+    if k_is_slider and decoding == "greedy":
+        k_i = None
+    return resolve_k(k_i, decoding, strategy is not None)
 
 
 def _as_strategy(value: Any, greedy: bool) -> str | None:

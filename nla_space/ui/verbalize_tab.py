@@ -9,10 +9,10 @@ from typing import Any
 import gradio as gr
 
 from ..cards import ASSETS_DIR, find_card
+from ..policy import DEFAULT_K
 from . import engine, handlers, views
 
 EXAMPLES_FILE = ASSETS_DIR / "examples.json"
-DEFAULT_K = 16  #: the API default too (api_verbalize)
 
 
 #: The heat map's colour scale: Gradio shades a negative score purple and a positive one red, by its magnitude.
@@ -121,7 +121,7 @@ def build(concurrency: int) -> dict[str, Any]:
 
     def on_run(text: str, card: str, layer: Any, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
                strategy: str = "default", progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
-        result, heat_ = handlers.run_checked(progress=progress, text=text, card=card, layer=layer, k=k, tau=tau,
+        result, heat_ = handlers.run_checked(progress=progress, text=text, card=card, layer=layer, k=k, k_is_slider=True, tau=tau,
                                              temperature=temperature, seed=seed, greedy=greedy, strategy=strategy)
         return handlers.render(result, heat_)
 
@@ -135,7 +135,7 @@ def build(concurrency: int) -> dict[str, Any]:
     def on_token(text: str, card: str, layer: Any, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
                  strategy: str, evt: gr.SelectData, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
         """A click on a heat-map token: verbalize the state at that token (its index among the text's tokens)."""
-        result, heat_ = handlers.run_checked(progress=progress, text=text, card=card, layer=layer, k=k, tau=tau,
+        result, heat_ = handlers.run_checked(progress=progress, text=text, card=card, layer=layer, k=k, k_is_slider=True, tau=tau,
                                              temperature=temperature, seed=seed, greedy=greedy, strategy=strategy,
                                              position=int(evt.index))
         return handlers.render(result, heat_)

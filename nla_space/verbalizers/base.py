@@ -248,7 +248,7 @@ class OpenedCard(abc.ABC):
         text: str | None = None,
         vector: Any = None,
         layer: int | None = None,
-        k: int = 16,
+        k: int | None = None,
         tau: float | None = None,
         temperature: float = 1.0,
         max_new_tokens: int | None = None,
@@ -262,11 +262,15 @@ class OpenedCard(abc.ABC):
         (:mod:`nla_space.activations`; None: the card's read position), or a raw ``vector``. A
         ``vector`` given with its ``text`` is that text's activation, read already at ``position``
         (the layer sweep); the text then only names the token read and adds notes. ``strategy``:
-        ``best-of-k``, ``guided`` or ``greedy`` (default: the card's)."""
+        ``best-of-k``, ``guided`` or ``greedy`` (default: the card's). ``k``: candidates of a sampling
+        strategy (None: :data:`~nla_space.policy.DEFAULT_K`); a K > 1 with greedy decoding is refused
+        (:func:`~nla_space.policy.resolve_k`)."""
         tau = self.card.default_tau if tau is None else tau
         max_new_tokens = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
-        policy.check_params(k, tau, temperature, max_new_tokens, seed)
+        named = strategy is not None or greedy
         strategy = policy.resolve_strategy(strategy, greedy, self.default_strategy)
+        k = policy.resolve_k(k, strategy, named)
+        policy.check_params(k, tau, temperature, max_new_tokens, seed)
         greedy = strategy == "greedy"
         layer = self.check_layer(layer)
         if text is None and position is not None:

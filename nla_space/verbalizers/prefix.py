@@ -13,8 +13,8 @@ carry most of ‖v‖ and raw targets share cos ≈ 0.54, so without centering e
 looks alike; measured in ``nla_space/assets/cards/smollm2-135m-L21/TRAINING.md``). Parameter names match the reference
 ``state_dict`` exactly (``proj``, ``prefix_embeds``, ``proj_extra``, ``prefix_mlp``, ``layer_embed``)
 so a published ``best_av.pt`` loads. Adapter parameters are float32; :meth:`PrefixAV.embeds`
-casts to the backbone dtype at the boundary and multiplies by the backbone's embedding scale
-(see :attr:`nla_space.backbone.Backbone.embed_scale`).
+rounds to the config's ``backbone_dtype`` and casts to the running backbone's dtype at the boundary,
+and multiplies by the backbone's embedding scale (see :attr:`nla_space.backbone.Backbone.embed_scale`).
 
 Our own checkpoints are ``config.json`` (NLAConfig) + ``av.safetensors`` (these tensors only).
 """
@@ -109,9 +109,21 @@ class PrefixAV(nn.Module):
             parts.append(self.prefix_mlp(v).view(B, self.cfg.num_prefix_tokens, self.d_embed))
         return torch.cat(parts, dim=1)
 
+    @property
+    def boundary_dtype(self) -> torch.dtype:
+        """The dtype the reference casts the prefix to at the boundary: the config's ``backbone_dtype``
+        (``float32``, ``float16``, else ``bfloat16``, as the reference reads an unknown name)."""
+        return {"float32": torch.float32, "float16": torch.float16}.get(self.cfg.backbone_dtype, torch.bfloat16)
+
     def embeds(self, v: torch.Tensor, backbone: Backbone, layer: int | None = None) -> torch.Tensor:
-        """The prefix as the backbone consumes it: its dtype, times its embedding scale."""
-        x = self.inject(v.to(self.proj.weight.device), layer).to(backbone.dtype)
+        """The prefix as the backbone consumes it: rounded to :attr:`boundary_dtype`, then in the
+        backbone's dtype, times its embedding scale.
+
+        The reference casts its float32 adapter output to the config's ``backbone_dtype``. Where the
+        backbone runs in another dtype (a bfloat16 card opened on a float32 CPU backbone, the project's
+        CPU default) the prefix is rounded to that dtype first and then cast, so it holds the values the
+        reference feeds its model; without the rounding greedy decodes of such cards differed (tested)."""
+        x = self.inject(v.to(self.proj.weight.device), layer).to(self.boundary_dtype).to(backbone.dtype)
         scale = backbone.embed_scale
         return x * torch.tensor(scale, dtype=backbone.dtype, device=x.device) if scale != 1.0 else x
 

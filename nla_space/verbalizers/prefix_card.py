@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from .. import activations, guided
-from ..backbone import from_model, resolve_dtype, shared_backbone
+from ..backbone import cast_model, from_model, resolve_dtype, shared_backbone
 from ..card_files import card_files, load_card_mu, open_compass
 from ..cards import Card
 from ..errors import CheckpointError
@@ -51,7 +51,7 @@ class OpenCard(RawTextCard):
         if bb.source_path is not None:
             twin = shared_backbone(bb.spec, bb.revision, str(bb.device), dt)
         else:
-            model = copy.deepcopy(bb.model).to(dtype=dt)
+            model = cast_model(copy.deepcopy(bb.model), dtype=dt)
             twin = from_model(model, bb.tokenizer, spec=bb.spec)
         return dataclasses.replace(self, backbone=twin)
 
