@@ -14,7 +14,6 @@ import errno
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -88,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .evals.common import set_threads
 
         set_threads(args.threads)  # every command takes --threads: validated and applied here, once
-        os.environ[cpu_bf16.MODE_ENV] = args.bf16_mode  # read by every backbone load of this process
-        return int(cmds[args.command].run(args) or 0)
+        with cpu_bf16.mode_for_process(args.bf16_mode):  # read by every backbone load of the command
+            return int(cmds[args.command].run(args) or 0)
     except NLAInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,10 +4,13 @@ Layer index
     ``layer=ℓ`` means ``hidden_states[ℓ]`` of a Hugging Face forward with
     ``output_hidden_states=True``: index 0 is the embedding output (after the model's own embedding
     scale), index ℓ ≥ 1 is the output of decoder block ℓ−1 (``model.layers[ℓ-1]``), before any
-    final norm. Valid range: ``0 ≤ ℓ ≤ num_layers − 1`` for reading (the last entry of HF's tuple
-    is overwritten with the *normed* output, so ℓ = num_layers is not a residual-stream state and
-    is refused). Cards that name block K (Anthropic NLA, nla-at-home) translate to ℓ = K + 1 in
-    their card file.
+    final norm. Valid range: ``0 ≤ ℓ ≤ num_layers``. ℓ = num_layers is the output of the last block
+    *before* the final norm, by the same rule as every other ℓ. That is what the block-output
+    readers of the NLA releases read at block K = num_layers − 1 (a hook on the block), and it is
+    **not** the last entry of HF's tuple, which transformers overwrites with the normed output: a
+    card whose reference reads that entry (an SRT prefix card at ℓ = num_layers) refuses the layer
+    with that reason (:meth:`~nla_space.verbalizers.base.OpenedCard.check_readable`). Cards that
+    name block K (Anthropic NLA, nla-at-home) translate to ℓ = K + 1 in their card file.
 
 Read position
     The last valid token of each row (the last 1 of the attention mask). A request may name another
@@ -66,8 +69,9 @@ def decoder_of(model: Any) -> Any:
 
 def check_layer(backbone: Backbone, layer: int) -> int:
     n = backbone.num_layers
-    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer <= n - 1:
-        raise NLAInputError(f"layer {layer!r} is out of range: this backbone has {n} blocks, so 0 ≤ layer ≤ {n - 1}")
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer <= n:
+        raise NLAInputError(f"layer {layer!r} is out of range: this backbone has {n} blocks, so 0 ≤ layer ≤ {n} "
+                            f"({n}: the last block's output before the final norm)")
     return layer
 
 

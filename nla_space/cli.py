@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
@@ -183,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_verbalize(args: argparse.Namespace) -> int:
+    with cpu_bf16.mode_for_process(args.bf16_mode):  # read by every backbone load (cpu_bf16.resolve_mode)
+        return _verbalize(args)
+
+
+def _verbalize(args: argparse.Namespace) -> int:
     from .backbone import requested_dtype
     from .runtime import open_card
 
@@ -191,8 +195,6 @@ def _cmd_verbalize(args: argparse.Namespace) -> int:
         raise NLAInputError("--layer all sweeps the layers of a text: give --text or --texts (a raw vector belongs to one layer)")
     if args.vector and args.position is not None:
         raise NLAInputError("--position picks a token of a text; a raw --vector has no tokens")
-    if args.bf16_mode:  # the process's mode, read by every backbone load (nla_space.cpu_bf16.resolve_mode)
-        os.environ[cpu_bf16.MODE_ENV] = args.bf16_mode
     # a K the decoding would not use is refused before the model loads (the card repeats the check)
     resolve_k(args.k, resolve_strategy(args.strategy, args.greedy, find_card(args.card).default_strategy),
               args.strategy is not None or args.greedy)

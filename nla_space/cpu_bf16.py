@@ -33,10 +33,11 @@ Modes (:data:`MODES`; :func:`resolve_mode` is the one place a mode is chosen)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,26 @@ def resolve_mode(mode: str | None = None) -> str:
         where = "bf16 mode" if mode is not None else f"{MODE_ENV}="
         raise NLAInputError(f"{where}{chosen!r} is not a bfloat16 CPU mode: use {' or '.join(MODES)}")
     return chosen
+
+
+@contextlib.contextmanager
+def mode_for_process(mode: str | None) -> Iterator[None]:
+    """Within the block, :func:`resolve_mode` answers ``mode`` by default (an entry point's ``--bf16-mode``;
+    None leaves ``$NLA_CPU_BF16`` as it is); the variable is restored afterwards, so an entry point
+    called in-process (tests, notebooks) leaves no mode behind."""
+    if mode is None:
+        yield
+        return
+    resolve_mode(mode)
+    saved = os.environ.get(MODE_ENV)
+    os.environ[MODE_ENV] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(MODE_ENV, None)
+        else:
+            os.environ[MODE_ENV] = saved
 
 
 def mode_of(model: Any) -> str:

@@ -5,7 +5,7 @@ the sidecar nla-at-home's ``scripts/train_universal_av.py`` writes), every key o
 
     kind: nla_model   schema_version: 2   role: av | ar (older: actor | critic)
     d_model, n_layers, extraction_layer_index (K, a block index)
-    extraction: {injection_scale, mse_scale}
+    extraction: {injection_scale, mse_scale}   (a number, null, or a symbolic scale: sqrt_d_model = √d_model)
     tokens: {injection_char, injection_token_id, injection_left_neighbor_id,
              injection_right_neighbor_id, critic_suffix_ids}
     prompt_templates: {av | actor, ar | critic}
@@ -21,6 +21,7 @@ from). It is parsed with ``yaml.safe_load`` (no code, no custom tags).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,14 +81,15 @@ class Sidecar:
         mode = _get(data, "training", "injection_mode")
         if mode is not None and mode not in ("normalize", "multiply", "center_normalize"):
             raise CheckpointError(f"{path}: training.injection_mode must be 'normalize', 'multiply' or 'center_normalize', got {mode!r}")
+        d_model = _int_or_none(data.get("d_model"), path, "d_model")
         sc = cls(
             path=path,
             role=role,
-            d_model=_int_or_none(data.get("d_model"), path, "d_model"),
+            d_model=d_model,
             n_layers=_int_or_none(data.get("n_layers"), path, "n_layers"),
             extraction_layer_index=_int_or_none(k, path, "extraction_layer_index"),
-            injection_scale=_float_or_none(_get(data, "extraction", "injection_scale"), path, "extraction.injection_scale"),
-            mse_scale=_float_or_none(_get(data, "extraction", "mse_scale"), path, "extraction.mse_scale"),
+            injection_scale=_scale(_get(data, "extraction", "injection_scale"), path, "extraction.injection_scale", d_model),
+            mse_scale=_scale(_get(data, "extraction", "mse_scale"), path, "extraction.mse_scale", d_model),
             injection_char=_get(data, "tokens", "injection_char"),
             injection_token_id=_int_or_none(_get(data, "tokens", "injection_token_id"), path, "tokens.injection_token_id"),
             left_neighbor_id=_int_or_none(_get(data, "tokens", "injection_left_neighbor_id"), path, "tokens.injection_left_neighbor_id"),
@@ -113,11 +115,30 @@ def _int_or_none(x: Any, path: str, name: str) -> int | None:
     return x
 
 
+#: symbolic scales the reference writes in a sidecar, each resolved from the sidecar's ``d_model``
+#: (the reference writes the resolved float for its own releases, and reads these as input sentinels)
+SYMBOLIC_SCALES = {"sqrt_d_model": lambda d: math.sqrt(d)}
+
+
+def _scale(x: Any, path: str, name: str, d_model: int | None) -> float | None:
+    """A scale of ``extraction``: a number, a :data:`SYMBOLIC_SCALES` name (resolved with ``d_model``), or
+    null (not stated: the card's value applies). ``raw`` (no normalisation) is refused by name: the
+    injection rules and the AR score here always normalise, so honouring it is not possible."""
+    if isinstance(x, str):
+        if x in SYMBOLIC_SCALES:
+            if d_model is None:
+                raise CheckpointError(f"{path}: {name} is {x!r}, which is resolved from d_model, and the sidecar states no d_model")
+            return float(SYMBOLIC_SCALES[x](d_model))
+        if x == "raw":
+            raise CheckpointError(f"{path}: {name} is 'raw' (no normalisation), which this project does not implement: "
+                                  "its injection rules and AR score always normalise to a scale")
+        raise CheckpointError(f"{path}: {name} {x!r} is not a scale: a positive number, null, or one of {sorted(SYMBOLIC_SCALES)}")
+    return _float_or_none(x, path, name)
+
+
 def _float_or_none(x: Any, path: str, name: str) -> float | None:
-    if x is None or x in ("raw",):
+    if x is None:
         return None
-    if x == "sqrt_d_model":
-        return None  # resolved by the caller from d
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < float(x) <= MAX_SCALE:
         raise CheckpointError(f"{path}: {name} must be a positive finite number up to {MAX_SCALE:g}, got {x!r}")
     return float(x)

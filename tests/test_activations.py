@@ -48,7 +48,26 @@ def test_extract_prepends_bos_and_reads_last_token(tiny_llama):
     torch.testing.assert_close(v, ref.float())
 
 
-@pytest.mark.parametrize("layer", [-1, 4, 99, 1.5, True])
+def test_the_last_layer_is_the_last_blocks_output_before_the_final_norm(tiny_llama):
+    """ℓ = num_layers is read (a forward hook on the last block, as the NLA releases' readers take block
+    K = num_layers − 1), and it is not HF's last ``hidden_states`` entry, which is after the final norm."""
+    bb = tiny_llama
+    n = bb.num_layers
+    ids = [bb.bos_id] + bb.tokenizer("the cat is red", add_special_tokens=False)["input_ids"]
+    seen = []
+    handle = activations.decoder_of(bb.model).layers[n - 1].register_forward_hook(
+        lambda mod, args, out: seen.append((out[0] if isinstance(out, tuple) else out)[0, -1].float()))
+    try:
+        with torch.no_grad():
+            normed = bb.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[n][0, -1].float()
+    finally:
+        handle.remove()
+    v = activations.extract(bb, "the cat is red", layer=n)
+    torch.testing.assert_close(v, seen[0])
+    assert not torch.allclose(v, normed, atol=1e-3)
+
+
+@pytest.mark.parametrize("layer", [-1, 5, 99, 1.5, True])
 def test_layer_out_of_range_is_refused(tiny_llama, layer):
     with pytest.raises(NLAInputError, match="layer"):
         activations.extract(tiny_llama, "the cat", layer=layer)

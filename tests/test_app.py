@@ -187,7 +187,7 @@ def client():
 
 def test_api_takes_every_option_of_the_cli() -> None:
     """/verbalize takes every per-request option of `nla-space verbalize`; only the server's own settings
-    (which backbone, device and dtype the app runs) and the CLI's input/output forms are not per request."""
+    (which backbone, device, dtype and bfloat16 mode the app runs) and the CLI's input/output forms are not per request."""
     import inspect
 
     from nla_space.cli import build_parser
@@ -195,7 +195,7 @@ def test_api_takes_every_option_of_the_cli() -> None:
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["verbalize"]
     cli = {a.dest for a in sub._actions if a.dest != "help"}
-    server_side = {"backbone", "device", "dtype", "vector", "texts", "json"}
+    server_side = {"backbone", "device", "dtype", "bf16_mode", "vector", "texts", "json"}
     assert cli - server_side <= set(inspect.signature(api_verbalize).parameters), cli - server_side
 
 

@@ -221,3 +221,19 @@ def test_bf16_mode_is_checked_and_cached_apart(folders, monkeypatch):
     assert precision_info(exact) == "bfloat16 (reference)"
     assert precision_info(shared_backbone(spec, None, "cpu", None)) == "float32"
     assert exact.model.config._attn_implementation == "sdpa"
+
+
+def test_an_entry_points_bf16_mode_is_restored_after_it(monkeypatch):
+    """``--bf16-mode`` holds for one command: an in-process call leaves ``$NLA_CPU_BF16`` as it found it."""
+    import os
+
+    from nla_space import cpu_bf16
+
+    monkeypatch.delenv("NLA_CPU_BF16", raising=False)
+    with cpu_bf16.mode_for_process("reference"):
+        assert cpu_bf16.resolve_mode() == "reference"
+    assert "NLA_CPU_BF16" not in os.environ and cpu_bf16.resolve_mode() == "fast"
+    monkeypatch.setenv("NLA_CPU_BF16", "fast")
+    with cpu_bf16.mode_for_process("reference"):
+        pass
+    assert os.environ["NLA_CPU_BF16"] == "fast"

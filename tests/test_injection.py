@@ -93,6 +93,28 @@ def test_resolve_spec_sidecar_wins_and_records_sources():
         Sidecar.from_dict({"training": {"injection_mode": "scale"}})
 
 
+def test_symbolic_sidecar_scales_are_resolved_or_refused_by_name():
+    """kitft's sidecars may write ``sqrt_d_model`` for a scale: it is √d_model, not the card's value;
+    ``raw`` and unknown words are refused by name, never replaced in silence."""
+    import math
+
+    from nla_space.reconstructors import ARSpec
+    from nla_space.sidecar import Sidecar
+
+    sc = Sidecar.from_dict({"d_model": 32, "extraction": {"injection_scale": "sqrt_d_model", "mse_scale": "sqrt_d_model"}})
+    assert sc.injection_scale == sc.mse_scale == pytest.approx(math.sqrt(32))
+    spec = inj.resolve_spec(InjectionSection.from_dict(PHI4["injection"], "t"), sc, "t")
+    assert spec.scale == pytest.approx(math.sqrt(32)) and spec.sources["scale"] == "sidecar"
+    ar = ARSpec.from_section(ReconstructorSection.from_dict(KITFT["reconstructor"], "t"), sc, "t")
+    assert ar.mse_scale == pytest.approx(math.sqrt(32))
+    assert Sidecar.from_dict({"extraction": {"injection_scale": None}}).injection_scale is None  # not stated: the card's
+    for value, match in (("raw", "no normalisation"), ("banana", "not a scale")):
+        with pytest.raises(CheckpointError, match=match):
+            Sidecar.from_dict({"d_model": 32, "extraction": {"injection_scale": value}})
+    with pytest.raises(CheckpointError, match="d_model"):
+        Sidecar.from_dict({"extraction": {"mse_scale": "sqrt_d_model"}})
+
+
 def test_builtin_injection_cards_are_complete():
     for name in ("anicka/nla-phi4-universal-av-v2", "anicka/nla-qwen2.5-7b-L20-av-v2", "kitft/nla-qwen2.5-7b-L20-av",
                  "kitft/nla-gemma3-12b-L32-av", "kitft/nla-gemma3-27b-L41-av", "kitft/Llama-3.3-70B-NLA-L53-av"):
@@ -516,3 +538,44 @@ def test_bfloat16_reference_mode_decodes_like_plain_bfloat16_transformers(setup,
     monkeypatch.setenv("NLA_CPU_BF16", "fast")
     fast = _card_decodes(open_card(setup.card(), device="cpu", dtype="bfloat16"), layer)
     assert any(not torch.equal(f[0], r[0]) or f[1] != r[1][: len(f[1])] for f, r in zip(fast, ref))
+
+
+def test_an_adapter_folder_opens_as_a_card_without_a_json(setup, opened, tmp_path):
+    """An nla-at-home-style folder (adapter files + nla_meta.yaml) is a card for ``--card FOLDER``: on a
+    base no built-in card shares it needs only a card.json naming its reconstructor (refused with that
+    advice otherwise), and it decodes as the same AV opened through a card file."""
+    import shutil
+
+    folder = tmp_path / "my-av"
+    shutil.copytree(setup.av, folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path": str(setup.base)}))
+    with pytest.raises(NLAInputError, match="reconstructor"):
+        find_card(str(folder))
+    full = setup.card().to_dict()
+    (folder / "card.json").write_text(json.dumps({"layers": [3, 2], "reconstructor": full["reconstructor"],
+                                                  "injection": full["injection"]}))
+    card = find_card(str(folder))
+    assert card.kind == "injection" and card.backbone_id == str(setup.base) and card.av.format == "peft_lora"
+    oc = open_card(str(folder), device="cpu")
+    v = setup.ref_activation(TEXT, 3)
+    a, b = oc.rollout(v, 1, 1.0, 10, True, 0, 3), opened.rollout(v, 1, 1.0, 10, True, 0, 3)
+    assert torch.equal(a.ids, b.ids) and oc.verbalize(text=TEXT, layer=3, greedy=True, max_new_tokens=6).candidates
+
+
+def test_a_phi4_adapter_folder_borrows_the_builtin_cards_recipe(tmp_path):
+    """A LoRA folder on microsoft/phi-4 takes the built-in Phi-4 card's recipe and reconstructor, and its
+    sidecar's extraction_layer_index K gives the layer K + 1 (nothing is downloaded to tell)."""
+    folder = tmp_path / "phi4-av-L19"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "microsoft/phi-4", "peft_type": "LORA"}))
+    _write_sidecar(folder, {"kind": "nla_model", "role": "av", "d_model": 5120, "extraction_layer_index": 19,
+                            "extraction": {"injection_scale": "sqrt_d_model"}})
+    card = find_card(str(folder))
+    builtin = find_card("nla-phi4")
+    assert card.kind == "injection" and card.layers == [20] and card.av.folder == str(folder.resolve())
+    assert card.backbone_id == "microsoft/phi-4" and card.reconstructor == builtin.reconstructor
+    assert card.injection.template == builtin.injection.template
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NLAInputError, match="adapter_config.json"):
+        find_card(str(tmp_path / "empty"))

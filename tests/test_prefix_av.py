@@ -255,7 +255,7 @@ def test_open_card_refuses_unsupported_layer(saved_backbones, tmp_path):
     oc = open_card(str(rel), backbone=str(saved_backbones["llama"]))
     with pytest.raises(NLAInputError, match="supports layer"):
         oc.verbalize(vector=torch.randn(32), layer=1, greedy=True, max_new_tokens=2)
-    write_release(tmp_path / "rel-deep", d=32, layer=4)  # 4 = num_layers: not a residual state
+    write_release(tmp_path / "rel-deep", d=32, layer=5)  # past the last block
     with pytest.raises(NLAInputError, match="out of range"):
         open_card(str(tmp_path / "rel-deep"), backbone=str(saved_backbones["llama"])).verbalize(
             vector=torch.randn(32), greedy=True, max_new_tokens=2
@@ -293,3 +293,14 @@ def test_a_bfloat16_card_on_a_float32_backbone_rounds_its_prefix_like_the_refere
     (rel / "config.json").write_text(json.dumps(cfg32))
     oc32 = open_card(str(rel), backbone=str(bb_dir))
     assert all(oc32.verbalize(vector=v, greedy=True, max_new_tokens=8).best.token_ids == plain_greedy(v, False) for v in differ)
+
+
+def test_a_prefix_card_refuses_the_last_layer_with_the_reason(saved_backbones, tmp_path):
+    """The SRT reference reads hidden_states[num_layers] (after the final norm); the project's layer
+    num_layers is the raw block output, so a prefix card at that layer says why it cannot read it."""
+    rel = tmp_path / "release-last"
+    write_release(rel, d=32, layer=4)
+    oc = open_card(str(rel), backbone=str(saved_backbones["llama"]))
+    with pytest.raises(NLAInputError, match="final-normed") as e:
+        oc.verbalize(vector=torch.randn(32), greedy=True, max_new_tokens=4)
+    assert e.value.field == "layer"

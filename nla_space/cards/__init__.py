@@ -26,9 +26,10 @@ place its defaults are stated), and a key no class declares is refused, naming t
 ``trainer_template``  the harness trainers reuse this card's injection recipe and reconstructor layout
                   (:func:`eval_harness.data.injection_targets.template_card`); exactly one built-in card sets it
 
-Adding a card is adding one JSON file here. A local folder is a card too: ``config.json`` (NLAConfig) +
-``av.safetensors`` or ``best_av.pt``, optionally ``mu.safetensors`` / ``mu_l{ℓ}.pt`` and a ``card.json``
-with any of the fields above.
+Adding a card is adding one JSON file here. A local folder is a card too: an SRT release (``config.json``
+(NLAConfig) + ``av.safetensors`` or ``best_av.pt``, optionally ``mu.safetensors`` / ``mu_l{ℓ}.pt``), or an
+injection AV release laid out like nla-at-home's or Anthropic's (:mod:`nla_space.cards.folders`); either
+may hold a ``card.json`` with any of the fields above.
 """
 
 from __future__ import annotations
@@ -184,8 +185,16 @@ def find_card(name: str | None) -> Card:
     if p.is_file() and p.suffix == ".json":  # a card file (any kind), e.g. a local injection card
         return Card.from_dict(_read_json(p), str(p))
     if p.is_dir():
+        from .folders import injection_folder_card_dict, is_injection_folder
+
+        if is_injection_folder(p):
+            data, where = injection_folder_card_dict(p, builtin_cards())
+            card = Card.from_dict(data, where)
+            card.source_file = str(p)
+            return card
         if not (p / "config.json").is_file():
-            raise NLAInputError(f"{p} is a folder but has no config.json: not a verbalizer card")
+            raise NLAInputError(f"{p} is a folder but has no config.json (an SRT release) nor adapter_config.json or "
+                                "nla_meta.yaml (an injection AV release): not a verbalizer card")
         return card_from_folder(p)
     known = ", ".join(sorted({c.id for c in builtin_cards()} | {a for c in builtin_cards() for a in c.aliases}))
     raise NLAInputError(f"unknown card {name!r}; known cards: {known}; or give a local card folder")

@@ -23,7 +23,7 @@ from .. import activations, guided
 from ..backbone import cast_model, from_model, resolve_dtype, shared_backbone
 from ..card_files import card_files, load_card_mu, open_compass
 from ..cards import Card
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NLAInputError
 from ..reencode import reencode_ids
 from ..rollout import Rollout, eos_inclusive_mask, request_generator, sample
 from .base import RawTextCard
@@ -54,6 +54,17 @@ class OpenCard(RawTextCard):
             model = cast_model(copy.deepcopy(bb.model), dtype=dt)
             twin = from_model(model, bb.tokenizer, spec=bb.spec)
         return dataclasses.replace(self, backbone=twin)
+
+    def check_readable(self, layer: int) -> None:
+        """Also refuse ℓ = num_layers: the SRT reference reads ``hidden_states[ℓ]``, whose last entry
+        transformers replaces with the final-normed state, while ℓ = num_layers here is the raw
+        output of the last block (:mod:`nla_space.activations`); a prefix card cannot reproduce it."""
+        super().check_readable(layer)
+        n = self.backbone.num_layers
+        if layer == n:
+            raise NLAInputError(f"layer {n} is refused on a prefix (SRT) card: its reference reads hidden_states[{n}], which "
+                                f"transformers replaces with the final-normed output, and layer {n} here is the last block's "
+                                f"raw output; use a layer ≤ {n - 1}", field="layer")
 
     @property
     def top_p(self) -> float:
