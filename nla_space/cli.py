@@ -69,10 +69,10 @@ def _read_texts(path: str) -> Iterator[tuple[Any, str]]:
 def _summary(res: Verbalization) -> str:
     b = res.best
     badge = "HEDGED (uncertain)" if res.hedged else "confident"
-    kind = "centered" if res.centered else "raw"
+    kind = {"confidence": "confidence", "centered": "centered fve_nrm", "raw": "raw fve_nrm"}[res.criterion]
     lines = [
         f"card {res.card}  layer {res.layer}  K={res.k}  τ={res.tau:.3f}  trained={str(res.trained).lower()}",
-        f"best ({kind} fve_nrm {res.score:.3f}, {badge}):",
+        f"best ({kind} {res.score:.3f}, {badge}):",
         f"  {b.text!r}",
     ]
     if res.compass:
@@ -80,8 +80,13 @@ def _summary(res: Verbalization) -> str:
         lines += [f"compass rerank (cosine {c['conf']:.3f} vs τ {c['tau']:.2f}, {'hedged' if c['hedged'] else 'confident'}; "
                   f"{'same pick' if c['best_index'] == res.best_index else 'a different pick'}):",
                   f"  {res.candidates[c['best_index']].text!r}"]
-    lines.append("candidates (by score):")
-    order = sorted(range(len(res.candidates)), key=lambda i: -(res.candidates[i].score_cen or res.candidates[i].score_raw))
+    ranked_by = "specificity" if res.best.specificity is not None else "score"
+    lines.append(f"candidates (by {ranked_by}, as the best is picked):")
+
+    def rank(c: Any) -> float:  # the key select_best uses
+        return c.specificity if c.specificity is not None else c.score_cen if c.score_cen is not None else c.score_raw
+
+    order = sorted(range(len(res.candidates)), key=lambda i: -rank(res.candidates[i]))
     for i in order[:10]:
         c = res.candidates[i]
         cen = f"{c.score_cen:.3f}" if c.score_cen is not None else "  -  "
@@ -174,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights) or reference (exactly as from_pretrained builds it, as the reference code runs)")
     v.add_argument("--json", action="store_true", help="print one JSON object per input")
     c = sub.add_parser("cards", help="list the built-in cards")
-    c.add_argument("--markdown", action="store_true", help="the Markdown table of the README and the About tab")
+    c.add_argument("--markdown", action="store_true", help="the Markdown table of docs/cards.md and the About tab")
     s = sub.add_parser("serve", help="launch the demo app (the same app as `python app.py`)")
     s.add_argument("--host", default=None, help="default: $GRADIO_SERVER_NAME or 127.0.0.1")
     s.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")

@@ -231,10 +231,12 @@ def test_api_returns_the_cli_json_contract(client) -> None:
 @pytest.mark.e2e
 def test_sweep_api_returns_the_cli_sweep_contract(client) -> None:
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert [p["parameter_name"] for p in named["/sweep"]["parameters"]] == ["text", "card", "k", "tau", "temperature", "seed"]
+    assert [p["parameter_name"] for p in named["/sweep"]["parameters"]] == ["text", "card", "k", "tau", "temperature", "seed", "strategy"]
     out = client.predict(TEXT, seed=0, api_name="/sweep")  # the embedded card has one layer: one entry
     assert list(out) == ["sweep"] and [e["layer"] for e in out["sweep"]] == [13]
     assert CONTRACT_KEYS | {"depth_pct"} <= set(out["sweep"][0]) and out["sweep"][0]["depth_pct"] is None
+    sampled = client.predict(TEXT, k=2, seed=0, strategy="best-of-k", api_name="/sweep")
+    assert sampled["sweep"][0]["strategy"] == "best-of-k" and len(sampled["sweep"][0]["candidates"]) == 2
 
 
 BAD_INPUTS = [

@@ -1,5 +1,5 @@
 """Packaging: the wheel carries the cards and every shipped file they name, the console commands are
-declared, the README's card table is the generated one, and the Space folder has every requirement."""
+declared, the card table of docs/cards.md is the generated one, and the Space folder has every requirement."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from nla_space.cards import PACKAGE_ROOT, builtin_cards, cards_table
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_card_table_is_the_generated_one() -> None:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_docs_card_table_is_the_generated_one() -> None:
+    text = (ROOT / "docs" / "cards.md").read_text(encoding="utf-8")  # moved there from the README
     m = re.search(r"<!-- cards:start[^\n]*-->\n(.*?)<!-- cards:end -->", text, re.S)
-    assert m, "README.md has no generated card table"
-    assert m.group(1).strip() == cards_table().strip(), "README card table is stale: run `nla-space cards --markdown`"
+    assert m, "docs/cards.md has no generated card table"
+    assert m.group(1).strip() == cards_table().strip(), "docs/cards.md card table is stale: run `nla-space cards --markdown`"
 
 
 def test_card_folders_are_package_data() -> None:

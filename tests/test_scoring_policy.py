@@ -15,13 +15,14 @@ from nla_space.errors import NLAInputError
 from nla_space.policy import Candidate, Note, Verbalization, best_of_k, check_params, score_vectors, select_best
 from nla_space.rollout import Rollout, eos_inclusive_mask
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+#: the CLI reference (moved there from the README), which documents the ``--json`` keys
+USAGE_DOC = Path(__file__).resolve().parent.parent / "docs" / "usage.md"
 
 
 def readme_json_keys() -> tuple[set[str], set[str]]:
-    """The top-level and candidate keys README.md documents for ``--json``."""
-    m = re.search(r"`--json` prints `([^`]*)`", README.read_text(encoding="utf-8"))
-    assert m, "README.md no longer documents the --json keys"
+    """The top-level and candidate keys docs/usage.md documents for ``--json``."""
+    m = re.search(r"`--json` prints `([^`]*)`", USAGE_DOC.read_text(encoding="utf-8"))
+    assert m, "docs/usage.md no longer documents the --json keys"
     spec = " ".join(m.group(1).split())
     best = re.search(r"best \{([^}]*)\}", spec)
     assert best

@@ -135,7 +135,7 @@ def builtin_cards() -> list[Card]:
 def cards_table(cards: list[Card] | None = None) -> str:
     """The Markdown table of the cards (default: every built-in card), generated from the card files:
     id and aliases, kind, backbone (with what its weights are), layer(s), where the AV weights come from,
-    licence. The README's table and the About tab are this output."""
+    licence. The table in docs/cards.md and the About tab are this output."""
     from ..backbone import EMBEDDED_BACKBONES
 
     lines = ["| card (aliases) | kind | backbone | layer(s) ℓ | AV weights | licence |", "|---|---|---|---|---|---|"]

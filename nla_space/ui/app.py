@@ -66,8 +66,9 @@ def api_sweep(
     tau: float | None = None,
     temperature: float = 1.0,
     seed: int | None = 0,
+    strategy: str | None = None,
 ) -> dict[str, Any]:
-    """Verbalize `text` at every layer of the card with the same K, seed and τ (the layer sweep).
+    """Verbalize `text` at every layer of the card with the same K, seed, τ and decoding (the layer sweep).
 
     Args:
         text: the text whose last-token activation is verbalized at each layer.
@@ -76,11 +77,13 @@ def api_sweep(
         tau: hedging threshold in [0, 1]; default: the card's.
         temperature: sampling temperature.
         seed: random seed, the same at every layer (null: a fresh one).
+        strategy: "guided", "best-of-k" or "greedy" (null: the card's default).
 
     Returns the same JSON object as `python -m nla_space verbalize --layer all --json`:
     `{"sweep": [...]}`, one `/verbalize` object (plus `depth_pct`) per layer, in ascending layer order.
     """
-    return {"sweep": handlers.sweep_checked(text=text, card=card, k=k, tau=tau, temperature=temperature, seed=seed)}
+    return {"sweep": handlers.sweep_checked(text=text, card=card, k=k, tau=tau, temperature=temperature, seed=seed,
+                                            strategy=strategy)}
 
 
 def _check_verbalize(text: Any, card: Any = "embedded", layer: Any = None, k: Any = None, tau: Any = None,
@@ -91,8 +94,8 @@ def _check_verbalize(text: Any, card: Any = "embedded", layer: Any = None, k: An
 
 
 def _check_sweep(text: Any, card: Any = "embedded", k: Any = None, tau: Any = None, temperature: Any = 1.0,
-                 seed: Any = 0) -> None:
-    engine.check_request(text=text, card=card, k=k, tau=tau, temperature=temperature, seed=seed)
+                 seed: Any = 0, strategy: Any = None) -> None:
+    engine.check_request(text=text, card=card, k=k, tau=tau, temperature=temperature, seed=seed, strategy=strategy)
 
 
 def refuse_before_queue(demo: gr.Blocks, api_name: str, check: Callable[..., None]) -> None:

@@ -262,7 +262,8 @@ def gpu_seconds(card_id: str, text: str, layer: int | None, k: int, tau: float |
 
 
 def sweep_gpu_seconds(card_id: str, text: str, layers: list[int] | None, k: int, tau: float | None, temperature: float,
-                      seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, progress: Any = None) -> int:
+                      seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, strategy: str | None = None,
+                      progress: Any = None) -> int:
     """ZeroGPU reservation for a layer sweep: one layer's share times the layers swept (same signature as
     :func:`run_sweep`), clamped like :func:`gpu_seconds`."""
     try:
@@ -332,7 +333,7 @@ def run_verbalize(card_id: str, text: str, layer: int | None, k: int, tau: float
 
 @gpu(duration=sweep_gpu_seconds)
 def run_sweep(card_id: str, text: str, layers: list[int] | None, k: int, tau: float | None, temperature: float,
-              seed: int | None, greedy: bool = False, max_new_tokens: int | None = None,
+              seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, strategy: str | None = None,
               progress: Any = None) -> dict[str, Any]:
     """The layer sweep (:func:`nla_space.sweep.sweep`) on the card's device, as :func:`run_verbalize`
     does one layer: ``{"sweep": [LayerResult.to_dict(), ...]}`` or ``{"error": message}``."""
@@ -341,7 +342,7 @@ def run_sweep(card_id: str, text: str, layers: list[int] | None, k: int, tau: fl
     try:
         oc, max_new_tokens = _opened_with_length(card_id, max_new_tokens)
         results = sweep(oc, text, layers, k=k, tau=tau, temperature=temperature, max_new_tokens=max_new_tokens,
-                        greedy=greedy, seed=seed, progress=_progress_fn(progress))
+                        greedy=greedy, seed=seed, progress=_progress_fn(progress), strategy=strategy)
         return {"sweep": [r.to_dict() for r in results]}
     except NLAInputError as exc:
         return {"error": str(exc)}
@@ -370,7 +371,7 @@ def sweep(req: Request, progress: Callable[..., Any] | None = None) -> list[dict
     raise NLAInputError. ``req.layer`` is not used: every card layer is swept."""
     get_open(req.card)
     out = run_sweep(req.card, req.text, None, req.k, req.tau, req.temperature, req.seed, req.greedy,
-                    req.max_new_tokens, progress=progress)
+                    req.max_new_tokens, req.strategy, progress=progress)
     if "error" in out:
         raise NLAInputError(out["error"])
     return out["sweep"]

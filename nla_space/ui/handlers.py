@@ -51,11 +51,11 @@ def sweep_checked(progress: Any = None, several_layers: bool = False, **params: 
 
 
 def sweep_ui(text: str, card: str, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
-             progress: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+             strategy: str = "default", progress: Any = None) -> tuple[Any, Any, dict[str, Any]]:
     """The Verbalize tab's "Sweep all layers" button: the per-layer table, the score-vs-layer plot and
     the sweep JSON. A single-layer card is refused with a visible message (the button is hidden for it)."""
     results = sweep_checked(progress=progress, several_layers=True, text=text, card=card, k=k, k_is_slider=True, tau=tau,
-                            temperature=temperature, seed=seed, greedy=greedy)
+                            temperature=temperature, seed=seed, greedy=greedy, strategy=strategy)
     return views.sweep_frame(results), views.sweep_plot(results), {"sweep": results}
 
 

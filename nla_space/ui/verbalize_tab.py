@@ -143,11 +143,11 @@ def build(concurrency: int) -> dict[str, Any]:
     ev4 = heat.select(on_token, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,
                       api_visibility="private", show_progress="full")
 
-    def on_sweep(text: str, card: str, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
+    def on_sweep(text: str, card: str, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool, strategy: str,
                  progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
-        return handlers.sweep_ui(text, card, k, tau, temperature, seed, greedy, progress=progress)
+        return handlers.sweep_ui(text, card, k, tau, temperature, seed, greedy, strategy, progress=progress)
 
-    sweep_inputs = [text, s["card"], s["k"], s["tau"], s["temperature"], s["seed"], s["greedy"]]
+    sweep_inputs = [text, s["card"], s["k"], s["tau"], s["temperature"], s["seed"], s["greedy"], s["strategy"]]
     ev3 = sweep.click(on_sweep, sweep_inputs, [sweep_table, sweep_plot, sweep_raw], concurrency_id="model",
                       concurrency_limit=concurrency, api_visibility="undocumented", api_name="sweep_ui", show_progress="full")
 
