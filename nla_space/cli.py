@@ -18,7 +18,7 @@ from .io import jsonl_lines
 from .errors import NLAInputError
 from .backbone import CPU_DTYPES
 from .cards import find_card
-from .policy import DEFAULT_K, MAX_K, MAX_NEW_TOKENS, STRATEGIES, Verbalization, resolve_k, resolve_strategy
+from .policy import DEFAULT_K, MAX_K, MAX_NEW_TOKENS, STRATEGIES, Verbalization, resolve_decoding, selection_score
 from .sweep import LayerResult, sweep
 
 #: ``--layer all``: the layer sweep (:func:`nla_space.sweep.sweep`)
@@ -83,10 +83,7 @@ def _summary(res: Verbalization) -> str:
     ranked_by = "specificity" if res.best.specificity is not None else "score"
     lines.append(f"candidates (by {ranked_by}, as the best is picked):")
 
-    def rank(c: Any) -> float:  # the key select_best uses
-        return c.specificity if c.specificity is not None else c.score_cen if c.score_cen is not None else c.score_raw
-
-    order = sorted(range(len(res.candidates)), key=lambda i: -rank(res.candidates[i]))
+    order = sorted(range(len(res.candidates)), key=lambda i: -selection_score(res.candidates[i]))
     for i in order[:10]:
         c = res.candidates[i]
         cen = f"{c.score_cen:.3f}" if c.score_cen is not None else "  -  "
@@ -201,8 +198,7 @@ def _verbalize(args: argparse.Namespace) -> int:
     if args.vector and args.position is not None:
         raise NLAInputError("--position picks a token of a text; a raw --vector has no tokens")
     # a K the decoding would not use is refused before the model loads (the card repeats the check)
-    resolve_k(args.k, resolve_strategy(args.strategy, args.greedy, find_card(args.card).default_strategy),
-              args.strategy is not None or args.greedy)
+    resolve_decoding(args.strategy, args.greedy, find_card(args.card).default_strategy, args.k)
     opened = open_card(args.card, backbone=args.backbone, device=args.device, dtype=requested_dtype(args.dtype, args.device))
     params = dict(layer=args.layer, k=args.k, tau=args.tau, temperature=args.temperature,
                   max_new_tokens=args.max_new_tokens, greedy=args.greedy, seed=args.seed,

@@ -47,6 +47,20 @@ def jsonl_lines(text: str) -> list[str]:
     return text.split("\n")
 
 
+def read_json_object(path: Path, what: str = "JSON") -> dict[str, Any]:
+    """The JSON object in ``path``; anything else (unreadable, not JSON, not an object) is a
+    :class:`~nla_space.errors.CheckpointError` naming the file and ``what`` it should hold."""
+    from .errors import CheckpointError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read {what} ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object")
+    return data
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 

@@ -158,8 +158,15 @@ def score_vectors(h: torch.Tensor, v: torch.Tensor, mu: torch.Tensor | None) -> 
     return raw, cen
 
 
+def selection_score(c: Candidate) -> float:
+    """What a candidate is ranked by, as :func:`select_best` ranks them: its specificity when it has
+    one, else its centered score, else its raw score."""
+    return c.specificity if c.specificity is not None else c.score_cen if c.score_cen is not None else c.score_raw
+
+
 def select_best(raw: torch.Tensor, cen: torch.Tensor | None, spec: torch.Tensor | None = None) -> int:
-    """argmax of the specificity when there is one, else of the centered score, else of the raw score."""
+    """argmax of the specificity when there is one, else of the centered score, else of the raw score
+    (per candidate: :func:`selection_score`)."""
     return int((spec if spec is not None else cen if cen is not None else raw).argmax())
 
 
@@ -289,12 +296,18 @@ def resolve_strategy(strategy: str | None, greedy: bool, default: str) -> str:
     return strategy
 
 
-def resolve_k(k: int | None, strategy: str, strategy_named: bool) -> int:
-    """The number of candidates of a request: ``k`` as given, :data:`DEFAULT_K` when None, 1 for greedy.
+def resolve_decoding(strategy: str | None, greedy: bool, default: str, k: int | None) -> tuple[str, int]:
+    """A request's strategy (:func:`resolve_strategy`) and its number of candidates: ``k`` as given,
+    :data:`DEFAULT_K` when None, 1 for greedy.
 
     Greedy writes one candidate, so a request whose decoding is greedy and that asks for K > 1 is
     refused rather than answered with one candidate in silence; the message names the strategies
-    that use K. ``strategy_named``: the request named the strategy (else it is the card's default)."""
+    that use K and says whether greedy was asked for or is the card's ``default``."""
+    decoding = resolve_strategy(strategy, greedy, default)
+    return decoding, _resolve_k(k, decoding, strategy is not None or greedy)
+
+
+def _resolve_k(k: int | None, strategy: str, strategy_named: bool) -> int:
     if k is None:
         return 1 if strategy == "greedy" else DEFAULT_K
     if strategy == "greedy" and isinstance(k, int) and not isinstance(k, bool) and k > 1:

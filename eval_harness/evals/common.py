@@ -37,9 +37,8 @@ from typing import Any, Sequence
 import torch
 
 from nla_space.activations import pad_rows
-from nla_space.backbone import Backbone
+from nla_space.backbone import CPU_DTYPES, Backbone
 from nla_space.cards import Card, find_card
-from nla_space.backbone import CPU_DTYPES
 from nla_space.errors import NLAInputError
 from nla_space.policy import score_vectors
 from nla_space.reencode import reencode_ids

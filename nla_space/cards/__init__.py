@@ -35,12 +35,13 @@ may hold a ``card.json`` with any of the fields above.
 from __future__ import annotations
 
 import importlib.resources
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import CheckpointError, NLAInputError
+from ..io import read_json_object
+from .folders import injection_folder_card_dict, is_injection_folder
 from .sections import (AnchorsSection, AVSection, BackboneSection, CompassSection, InjectionSection, PatchSection,
                        ReconstructorSection, Section)
 
@@ -118,13 +119,7 @@ class Card(Section):
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read card JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: a card must be a JSON object")
-    return data
+    return read_json_object(path, "card JSON")
 
 
 def builtin_cards() -> list[Card]:
@@ -185,8 +180,6 @@ def find_card(name: str | None) -> Card:
     if p.is_file() and p.suffix == ".json":  # a card file (any kind), e.g. a local injection card
         return Card.from_dict(_read_json(p), str(p))
     if p.is_dir():
-        from .folders import injection_folder_card_dict, is_injection_folder
-
         if is_injection_folder(p):
             data, where = injection_folder_card_dict(p, builtin_cards())
             card = Card.from_dict(data, where)

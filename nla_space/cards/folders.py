@@ -20,11 +20,11 @@ built-in card shares names its reconstructor there, and is refused with that adv
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..io import read_json_object
 from ..sidecar import SIDECAR_NAME, load_sidecar
 
 #: card fields a template card lends a folder card (its own identity and records stay behind)
@@ -34,16 +34,6 @@ LENT_FIELDS = ("kind", "backbone", "layers", "default_tau", "anchors", "injectio
 def is_injection_folder(folder: Path) -> bool:
     """A LoRA adapter folder, or a model folder with a sidecar (the layouts of the module docstring)."""
     return (folder / "adapter_config.json").is_file() or ((folder / "config.json").is_file() and (folder / SIDECAR_NAME).is_file())
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: must be a JSON object")
-    return data
 
 
 def _template(base: str | None, builtin: list[Any]) -> tuple[Any | None, bool]:
@@ -60,8 +50,8 @@ def injection_folder_card_dict(folder: Path, builtin: list[Any]) -> tuple[dict[s
     lora = (folder / "adapter_config.json").is_file()
     base = None
     if lora:
-        base = _read(folder / "adapter_config.json").get("base_model_name_or_path") or None
-    extra = _read(folder / "card.json") if (folder / "card.json").is_file() else {}
+        base = read_json_object(folder / "adapter_config.json", "an adapter config").get("base_model_name_or_path") or None
+    extra = read_json_object(folder / "card.json", "card JSON") if (folder / "card.json").is_file() else {}
     named_base = (extra.get("backbone") or {}).get("id") if isinstance(extra.get("backbone"), dict) else None
     template, fits = _template(named_base or base, builtin)
     data: dict[str, Any] = {}

@@ -188,7 +188,7 @@ def check_request(
     """Normalise and check one request; raise :class:`NLAInputError` with a readable message.
 
     ``k`` None is :data:`~nla_space.policy.DEFAULT_K` for a sampling strategy and 1 for greedy; an
-    explicit K > 1 with greedy decoding is refused (:func:`~nla_space.policy.resolve_k`), except
+    explicit K > 1 with greedy decoding is refused (:func:`~nla_space.policy.resolve_decoding`), except
     from the Verbalize tab's K slider (``k_is_slider``), which always holds a value and says it is
     used by best-of-K and guided only."""
     if not isinstance(text, str) or not text.strip():
@@ -222,13 +222,12 @@ def check_request(
 
 def _resolved_k(card: Card, k: Any, strategy: str | None, greedy: bool, k_is_slider: bool) -> int:
     """The request's K (:func:`check_request`): checked, defaulted, refused when greedy would drop it."""
-    from ..policy import resolve_k, resolve_strategy
+    from ..policy import resolve_decoding
 
     k_i = None if k in (None, "") else _as_int("k", k, 1, APP_MAX_K)
-    decoding = resolve_strategy(strategy, greedy, card.default_strategy)
-    if k_is_slider and decoding == "greedy":
+    if k_is_slider and resolve_decoding(strategy, greedy, card.default_strategy, None)[0] == "greedy":
         k_i = None
-    return resolve_k(k_i, decoding, strategy is not None)
+    return resolve_decoding(strategy, greedy, card.default_strategy, k_i)[1]
 
 
 def _as_strategy(value: Any, greedy: bool) -> str | None:

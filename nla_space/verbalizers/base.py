@@ -264,12 +264,10 @@ class OpenedCard(abc.ABC):
         (the layer sweep); the text then only names the token read and adds notes. ``strategy``:
         ``best-of-k``, ``guided`` or ``greedy`` (default: the card's). ``k``: candidates of a sampling
         strategy (None: :data:`~nla_space.policy.DEFAULT_K`); a K > 1 with greedy decoding is refused
-        (:func:`~nla_space.policy.resolve_k`)."""
+        (:func:`~nla_space.policy.resolve_decoding`)."""
         tau = self.card.default_tau if tau is None else tau
         max_new_tokens = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
-        named = strategy is not None or greedy
-        strategy = policy.resolve_strategy(strategy, greedy, self.default_strategy)
-        k = policy.resolve_k(k, strategy, named)
+        strategy, k = policy.resolve_decoding(strategy, greedy, self.default_strategy, k)
         policy.check_params(k, tau, temperature, max_new_tokens, seed)
         greedy = strategy == "greedy"
         layer = self.check_layer(layer)

@@ -176,13 +176,9 @@ def attach(backbone: Backbone, spec: PatchSpec, folder: Path | None = None, trai
 
 
 def read_spec(folder: Path) -> PatchSpec:
-    import json
+    from ..io import read_json_object
 
     path = folder / SPEC_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {SPEC_FILE}: not a patch AV folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({exc})") from exc
-    return PatchSpec.from_dict(data, str(path))
+    return PatchSpec.from_dict(read_json_object(path, "a patch AV spec"), str(path))
