@@ -38,6 +38,7 @@ TOOLS: dict[str, str] = {
     "publish": "eval_harness.cmd_publish",
     "patch-release": "eval_harness.cmd_patch_release",
     "bench": "eval_harness.cmd_bench",
+    "scale-plan": "eval_harness.cmd_scale_plan",
 }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from nla_space.backbone import shared_backbone
 
 from .data.injection_targets import DEFAULT_FRACTIONS, InjectionTargetsSpec, build_injection_targets, template_card, trained_bands
+from .distributed import rank_device
 
 HELP = "extract multi-depth activations and greedy-reply descriptions of texts (injection AV/AR training data)"
 
@@ -37,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     spec = InjectionTargetsSpec(backbone=args.backbone, texts_file=str(args.texts), bands=[int(b) for b in args.bands.split(",")],
                                 max_new_tokens=args.max_new_tokens, min_chars=args.min_chars, max_texts=args.max_texts,
                                 batch_size=args.batch_size, seed=args.seed, fractions=fractions)
-    ts = build_injection_targets(shared_backbone(args.backbone, device=args.device), spec, args.out, resume=args.resume)
-    assert ts is not None
+    ts = build_injection_targets(shared_backbone(args.backbone, device=rank_device(args.device)), spec, args.out, resume=args.resume)
+    if ts is None:  # a rank other than 0 of a multi-process run: rank 0 wrote the set
+        return 0
     print(f"wrote {len(ts)} texts × layers {ts.layers} to {args.out}: {ts.meta['split_counts']}")
     return 0

@@ -10,6 +10,7 @@ import torch
 from nla_space.backbone import shared_backbone
 from nla_space.io import check_writable
 
+from .distributed import rank_device
 from .data.targets import HealthThresholds, TargetsSpec, build_targets
 
 HELP = "sample (or read from a corpus) texts and store their layer-L activations as a targets dataset"
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_writable(args.out, "targets folder")  # before any work: a full or read-only disk fails now
     torch.manual_seed(args.seed)
-    backbone = shared_backbone(args.backbone, device=args.device)
+    backbone = shared_backbone(args.backbone, device=rank_device(args.device))
     spec = TargetsSpec(
         backbone=args.backbone,
         layer=args.layer,
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         health=HealthThresholds(args.min_dim_std, args.min_norm_std, args.min_distinct_2, args.max_duplicate_rows),
     )
     ts = build_targets(backbone, spec, args.out, resume=args.resume)
-    assert ts is not None
+    if ts is None:  # a rank other than 0 of a multi-process run: rank 0 wrote the set
+        return 0
     print(f"wrote {len(ts)} targets to {args.out}: {ts.meta['split_counts']}")
     return 0

@@ -12,6 +12,7 @@ from nla_space.io import check_writable
 from .data.dataset import load_target_set
 from .train.prefix import TrainConfig, train
 from .settings import add_setting_options, settings_from_args
+from .distributed import rank_device
 
 HELP = "train a prefix activation verbalizer (token CE under teacher forcing) on a targets folder"
 
@@ -29,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_writable(args.out, "training run")  # before any work: a full or read-only disk fails now
     ts = load_target_set(args.targets)
-    backbone = shared_backbone(args.backbone or ts.meta["backbone"], device=args.device)
+    backbone = shared_backbone(args.backbone or ts.meta["backbone"], device=rank_device(args.device))
     cfg = settings_from_args(TrainConfig, args)
     state = train(backbone, ts, args.out, cfg, layer=args.layer, resume=args.resume)
     msg = "stopped early (checkpoint saved; rerun with --resume)" if state["stopped_early"] else "done"

@@ -12,6 +12,7 @@ from .data.injection_targets import load_injection_targets
 from .settings import settings_from_args
 from .train.cli import add_run_options, summary
 from .train.grpo import GRPOConfig, train_grpo
+from .distributed import rank_device
 
 HELP = "GRPO of an SFT injection AV: contrastive reward (AR or re-encode), KL to the SFT policy, reward-hacking watch"
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     ts = load_injection_targets(args.targets)
     cfg = settings_from_args(GRPOConfig, args)
     # a private copy: the trainable adapter is attached to this model in place
-    backbone = load_backbone(args.backbone or ts.meta["backbone"], device=args.device)
+    backbone = load_backbone(args.backbone or ts.meta["backbone"], device=rank_device(args.device))
     st = train_grpo(backbone, ts, args.sft, args.out, cfg, ar_folder=args.ar, resume=args.resume)
     print(summary(st, "eval_reward", args.out, stopped="stopped: held-out top-1 collapsed" if st["collapsed"] else None))
     return 0

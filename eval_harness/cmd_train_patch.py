@@ -10,6 +10,7 @@ from nla_space.io import check_writable
 
 from .settings import add_setting_options, settings_from_args
 from .train.patch import PatchTrainConfig, train_patch
+from .distributed import rank_device
 
 HELP = "train a patch AV (v written at its own layer, LoRA above it) with token CE on a text corpus"
 
@@ -26,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_writable(args.out, "run folder")
     cfg = settings_from_args(PatchTrainConfig, args)
-    backbone = load_backbone(args.backbone, device=args.device)  # private: the LoRA is attached in place
+    backbone = load_backbone(args.backbone, device=rank_device(args.device))  # private: the LoRA is attached in place
     state = train_patch(backbone, args.corpus, args.out, cfg, resume=args.resume)
     print(f"stopped at step {state['step']} of {state['total_steps']}; best val_ce {state['best']} at step {state['best_step']}")
     return 0

@@ -12,6 +12,11 @@ back and continues with the next; a header that does not match the current setti
 Each target's randomness depends on (seed, target row) only, so a resumed run writes the same
 numbers as an uninterrupted one. The partial file is removed once the final JSON is written.
 
+N processes (:mod:`eval_harness.distributed`): the targets are split over the ranks (target j of
+the list to rank ``j mod N``), each rank appends its records to ``<out>.partial.rank<R>.jsonl``,
+rank 0 gathers all records in target order and writes the results. ``--resume`` reads every
+partial file there is (of one process or of any N), so a run may be resumed with another N.
+
 ``--log-samples FILE.jsonl``: one line per target (its candidates, texts and scores), written
 atomically at the end from the same records.
 """
@@ -33,6 +38,8 @@ from typing import Any, Callable, Iterator
 from nla_space.cards import REPO_ROOT
 from nla_space.errors import NLAInputError
 from nla_space.io import atomic_write_json, atomic_write_text, jsonl_lines
+
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -131,29 +138,46 @@ class Checkpoint:
 
     @property
     def path(self) -> Path:
-        return self.out.with_name(self.out.name + ".partial.jsonl")
+        """This process's partial file (``.partial.jsonl``; ``.partial.rank<R>.jsonl`` of an N-process run)."""
+        w = distributed.world()
+        return self.out.with_name(self.out.name + (f".partial.rank{w.rank}.jsonl" if w.distributed else ".partial.jsonl"))
+
+    def _all_paths(self) -> list[Path]:
+        """Every partial file of this output (any world size)."""
+        single = self.out.with_name(self.out.name + ".partial.jsonl")
+        ranks = sorted(self.out.parent.glob(self.out.name + ".partial.rank*.jsonl")) if self.out.parent.is_dir() else []
+        return [q for q in [single, *ranks] if q.is_file()]
+
+    def _read(self, path: Path, fp: dict[str, Any]) -> None:
+        lines = [ln for ln in jsonl_lines(path.read_text(encoding="utf-8")) if ln.strip()]
+        header = json.loads(lines[0]) if lines else {}
+        if header.get("fingerprint") != fp:
+            diff = sorted(k for k in set(fp) | set(header.get("fingerprint", {}))
+                          if fp.get(k) != header.get("fingerprint", {}).get(k))
+            raise NLAInputError(f"{path}: cannot resume, the settings differ from the interrupted run ({', '.join(diff)}); "
+                                "rerun without --resume to start over")
+        for ln in lines[1:]:
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:
+                log.warning("%s: dropping a truncated last line", path)
+                break
+            self.records[int(rec["target"])] = rec
 
     def open(self) -> "Checkpoint":
         fp = json.loads(json.dumps(self.fingerprint))  # normalised as it will be read back
-        if self.resume and self.path.is_file():
-            lines = [ln for ln in jsonl_lines(self.path.read_text(encoding="utf-8")) if ln.strip()]
-            header = json.loads(lines[0]) if lines else {}
-            if header.get("fingerprint") != fp:
-                diff = sorted(k for k in set(fp) | set(header.get("fingerprint", {}))
-                              if fp.get(k) != header.get("fingerprint", {}).get(k))
-                raise NLAInputError(f"{self.path}: cannot resume, the settings differ from the interrupted run ({', '.join(diff)}); "
-                                    "rerun without --resume to start over")
-            for ln in lines[1:]:
-                try:
-                    rec = json.loads(ln)
-                except json.JSONDecodeError:
-                    log.warning("%s: dropping a truncated last line", self.path)
-                    break
-                self.records[int(rec["target"])] = rec
-            log.info("resuming: %d target(s) already done in %s", len(self.records), self.path)
-        else:
-            if self.path.is_file():
-                log.info("starting over: removing %s (pass --resume to continue it)", self.path)
+        found = self._all_paths()
+        if self.resume and found:
+            for path in found:
+                self._read(path, fp)
+            log.info("resuming: %d target(s) already done in %s", len(self.records), ", ".join(str(q) for q in found))
+        distributed.barrier()  # every rank has read the old files before any is replaced
+        if not self.resume and distributed.world().is_main:
+            for path in found:
+                log.info("starting over: removing %s (pass --resume to continue it)", path)
+                path.unlink(missing_ok=True)
+        distributed.barrier()
+        if not self.path.is_file() or not self.resume:
             atomic_write_text(self.path, json.dumps({"fingerprint": fp}) + "\n")
         return self
 
@@ -165,16 +189,25 @@ class Checkpoint:
             os.fsync(f.fileno())
 
     def run(self, targets: list[int], work: Callable[[int], dict[str, Any]], desc: str) -> list[dict[str, Any]]:
-        """Records for ``targets`` in order, computing (with a tqdm bar) only the missing ones."""
+        """Records for ``targets`` in order, computing (with a tqdm bar) only the missing ones; with
+        N processes this rank computes its share and every rank gets all records."""
         from tqdm import tqdm
 
-        todo = [t for t in targets if t not in self.records]
-        for t in tqdm(todo, desc=desc, unit="target", initial=len(targets) - len(todo), total=len(targets), dynamic_ncols=True):
+        todo = [t for t in distributed.shard(targets) if t not in self.records]
+        w = distributed.world()
+        for t in tqdm(todo, desc=desc, unit="target", initial=max(0, len(targets) - len(todo) * w.size), total=len(targets),
+                      dynamic_ncols=True, disable=not w.is_main):
             self.add(work(t))
+        if w.distributed:
+            for part in distributed.gather_objects({t: self.records[t] for t in todo}):
+                self.records.update({int(t): r for t, r in part.items()})
         return [self.records[t] for t in targets]
 
     def finish(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove the partial files (rank 0, once the results are written)."""
+        if distributed.world().is_main:
+            for path in self._all_paths():
+                path.unlink()
 
 
 def write_results(out: Path, results: dict[str, Any], samples: list[dict[str, Any]] | None = None, log_samples: Path | None = None) -> None:

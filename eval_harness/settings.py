@@ -60,7 +60,8 @@ def add_setting_options(p: argparse.ArgumentParser, cls: type, default_help: boo
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         help_text = meta.get("help")
         if f.default is dataclasses.MISSING:
-            p.add_argument(flag, type=_value_type(hints[f.name]), required=True, help=help_text or f"{f.name} (required)")
+            p.add_argument(flag, type=_value_type(hints[f.name]), required=True, help=help_text or f"{f.name} (required)",
+                           **({"nargs": "+"} if meta.get("many") else {}))
             continue
         if help_text is None and default_help:
             help_text = f"default {f.default}"

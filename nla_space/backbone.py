@@ -46,6 +46,7 @@ import torch
 from . import cpu_bf16
 from .errors import CheckpointError, NLAInputError
 from .hub import snapshot
+from .placement import Placement, is_placed, placement_from_env
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,9 @@ class Backbone:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """The input device: where the token embedding lives (with a device map, other blocks may be elsewhere)."""
+        w = self.model.get_input_embeddings().weight
+        return w.device if w.device.type != "meta" else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -204,7 +207,8 @@ def cast_model(model: Any, device: torch.device | str | None = None, dtype: torc
 
 
 def _freeze(model: Any, device: torch.device, dtype: torch.dtype, bf16_mode: str | None = None) -> Any:
-    cast_model(model, device, dtype)
+    if not is_placed(model):  # a dispatched model (nla_space.placement) was loaded where and as it runs
+        cast_model(model, device, dtype)
     cpu_bf16.prepare(model, bf16_mode)  # bfloat16 on CPU, fast mode: float32 attention, prepacked weights; else nothing
     model.eval()
     for p in model.parameters():
@@ -388,13 +392,14 @@ def _load_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
-def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, placement: Placement | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json: not a model folder")
+    kw = placement.from_pretrained_kwargs(cache_root() / "offload" / hashlib.sha256(str(folder).encode()).hexdigest()[:16]) if placement else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=False, **kw)
         tok = _load_tokenizer(folder)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the backbone in {folder}: {exc}") from exc
@@ -408,13 +413,17 @@ def load_backbone(
     dtype: str | torch.dtype | None = None,
     default_dtype: str | torch.dtype | None = None,
     bf16_mode: str | None = None,
+    placement: Placement | None = None,
 ) -> Backbone:
     """Load and freeze the backbone named by ``spec`` (see the module docstring).
 
     ``dtype``: explicit request (e.g. ``"bfloat16"`` on CPU); ``default_dtype``: the card's, CUDA only;
-    ``bf16_mode``: how a bfloat16 CPU backbone runs (:func:`nla_space.cpu_bf16.resolve_mode`).
+    ``bf16_mode``: how a bfloat16 CPU backbone runs (:func:`nla_space.cpu_bf16.resolve_mode`);
+    ``placement``: a device map for a backbone split over devices (:mod:`nla_space.placement`;
+    default ``$NLA_DEVICE_MAP``), in which case ``device`` only picks the dtype rule.
     """
     t0 = time.perf_counter()
+    placement = placement or placement_from_env()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, default_dtype)
     if spec.startswith("embedded:"):
@@ -425,16 +434,16 @@ def load_backbone(
         folder = snapshot(spec, revision, BACKBONE_PATTERNS)
     else:
         raise NLAInputError(f"backbone {spec!r} is neither embedded:NAME, an existing folder, nor a hub id ORG/NAME")
-    model, tok = _load_folder(folder, dev, dt)
+    model, tok = _load_folder(folder, dev, dt, placement)
     _freeze(model, dev, dt, bf16_mode)
     bb = Backbone(model=model, tokenizer=tok, spec=spec, revision=revision, source_path=str(folder))
     bb.load_seconds = time.perf_counter() - t0
     log.info("loaded backbone %s (%d layers, d=%d, %s on %s) in %.1f s", spec, bb.num_layers, bb.hidden_size,
-             str(dt).removeprefix("torch."), dev, bb.load_seconds)
+             str(dt).removeprefix("torch."), getattr(model, "hf_device_map", None) or dev, bb.load_seconds)
     return bb
 
 
-_BACKBONES: dict[tuple[str, str | None, str, str], Backbone] = {}
+_BACKBONES: dict[tuple[Any, ...], Backbone] = {}
 _BACKBONES_LOCK = threading.Lock()
 
 
@@ -455,7 +464,8 @@ def shared_backbone(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, default_dtype)
     mode = cpu_bf16.resolve_mode(bf16_mode) if (dev.type == "cpu" and dt == torch.bfloat16) else None
-    key = (spec, revision, str(dev), str(dt), mode)
+    placement = placement_from_env()
+    key = (spec, revision, str(dev), str(dt), mode, placement.key() if placement else None)
     with _BACKBONES_LOCK:
         if key not in _BACKBONES:
             _BACKBONES[key] = load_backbone(spec, revision=revision, device=dev, dtype=dt, bf16_mode=mode)

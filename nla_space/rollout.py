@@ -8,6 +8,11 @@ step's draw is ``torch.multinomial``'s, computed faster on CPU (:mod:`nla_space.
 seed samples the same tokens as ``model.generate(do_sample=True)`` after ``torch.manual_seed``
 with the same logits processors (tested).
 
+Repetition guard (``repeat_ngram=n``): a row may contain each n-gram of its own tokens at most
+twice; a token that would write an n-gram a third time is not picked (its logit is set to −inf
+before the pick; stop tokens are never blocked). It is how a greedy rollout is kept out of a loop
+("X, X, X, …") without banning the repeats natural text makes.
+
 Mask convention (the SRT eval scripts', e.g. ``scripts/centered_eval.py``; ``docs/references.md``): a row is valid up to **and including** its first stop token;
 positions after it hold ``pad_id`` and are masked. A row without a stop token is valid throughout.
 """
@@ -49,6 +54,31 @@ def eos_inclusive_mask(ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     return (stops_before == 0).long()
 
 
+REPEAT_MAX = 2  #: occurrences of one n-gram a guarded row may hold
+
+
+def block_repeats(logits: torch.Tensor, out_ids: torch.Tensor, t: int, n: int, protected: list[int]) -> torch.Tensor:
+    """``logits`` with −inf at each row's tokens that would make the n-gram ending at step ``t``
+    occur more than :data:`REPEAT_MAX` times among the row's tokens ``out_ids[:, :t]``."""
+    if t < n - 1:
+        return logits
+    rows = out_ids[:, :t].tolist()
+    cloned = False
+    for b, row in enumerate(rows):
+        ctx = row[t - n + 1 :] if n > 1 else []
+        counts: dict[int, int] = {}
+        for j in range(len(row) - n + 1):
+            if row[j : j + n - 1] == ctx:
+                nxt = row[j + n - 1]
+                counts[nxt] = counts.get(nxt, 0) + 1
+        banned = [tok for tok, c in counts.items() if c >= REPEAT_MAX and tok not in protected]
+        if banned:
+            if not cloned:  # only when a row has something to block (most steps have nothing)
+                logits, cloned = logits.clone(), True
+            logits[b, banned] = float("-inf")
+    return logits
+
+
 def pick_next(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
     """The next token of each row: argmax when ``greedy`` (or T = 0), else a draw at ``temperature`` within ``top_p``."""
     if greedy or temperature < torch.finfo(torch.float32).tiny:  # a T that is 0 in float32 is T = 0
@@ -82,12 +112,14 @@ def sample(
     generator: torch.Generator | None = None,
     stop_ids: list[int] | None = None,
     stop_sequences: list[list[int]] | None = None,
+    repeat_ngram: int = 0,
 ) -> Rollout:
     """Continue the soft ``prefix`` (B, P, d), already in the backbone's dtype and scale.
 
     ``stop_ids`` defaults to the backbone's; ``[]`` forces fixed-length rollouts (benchmarks).
     ``stop_sequences`` also end a row when its last generated tokens equal one of them (e.g. the
     ids of ``</explanation>``); the row stays valid through the end of the sequence.
+    ``repeat_ngram``: the repetition guard's n (0: off; see the module docstring).
     """
     model = backbone.model
     B, P, _ = prefix.shape
@@ -109,7 +141,10 @@ def sample(
     out = model(inputs_embeds=prefix, attention_mask=mask[:, :P], past_key_values=cache, use_cache=True, logits_to_keep=last)
     steps = 0
     for t in range(max_new_tokens):
-        nxt = pick_next(out.logits[:, -1, :], temperature, top_p, greedy, generator)
+        logits = out.logits[:, -1, :]
+        if repeat_ngram > 0:
+            logits = block_repeats(logits, out_ids, t, repeat_ngram, stops)
+        nxt = pick_next(logits, temperature, top_p, greedy, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         out_ids[:, t] = nxt
         done_now = torch.isin(nxt, stop)

@@ -10,7 +10,7 @@ from eval_harness.evals import EVALS
 #: the commands of the harness (an eval added to the registry is added here too)
 COMMANDS = ("targets", "train", "centered-eval", "rerank-eval", "oracle-ceiling", "leaderboard", "publish", "bench", "policy-eval",
             "roundtrip", "injection-targets", "train-av-lora", "train-ar", "train-grpo", "fit-compass", "text-corpus", "train-patch",
-            "patch-release", "reading-eval")
+            "patch-release", "reading-eval", "scale-plan")
 
 
 def test_every_registered_command_exists():

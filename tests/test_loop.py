@@ -118,7 +118,7 @@ def test_supervised_step_sets_lr_and_resumed_equals_uninterrupted():
             torch.manual_seed(0)
             model = torch.nn.Linear(3, 1)
             opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-        sgd = SupervisedStep(items, 5, 3, opt, model.parameters(), 1.0, lambda b: ((model(x[b])[:, 0] - y[b]) ** 2).mean(),
+        sgd = SupervisedStep(items, 5, 3, opt, model.parameters(), 1.0, lambda b, step: ((model(x[b])[:, 0] - y[b]) ** 2).mean(),
                              lambda s: 0.01 * (s + 1))
         fields = [sgd(s) for s in range(start, steps)]
         return model, opt, fields
@@ -128,5 +128,5 @@ def test_supervised_step_sets_lr_and_resumed_equals_uninterrupted():
     part, opt, _ = run(4)
     part, _, _ = run(6, start=4, model=part, opt=opt)
     assert all(torch.equal(a, b) for a, b in zip(full.parameters(), part.parameters()))
-    no_lr = SupervisedStep(items, 5, 3, opt, part.parameters(), 1.0, lambda b: part(x[b]).sum())
+    no_lr = SupervisedStep(items, 5, 3, opt, part.parameters(), 1.0, lambda b, step: part(x[b]).sum())
     assert list(no_lr(0)) == ["epoch", "loss"]

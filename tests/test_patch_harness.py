@@ -124,11 +124,14 @@ def test_reading_eval_command_on_a_tiny_patch_card(tmp_path) -> None:
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny.SENTENCES[:5]))
     out = tmp_path / "res.json"
     assert main(["reading-eval", "--card", str(card), "--texts", str(texts), "--strategies", "guided,best-of-k,greedy",
-                 "--k", "3", "--no-minilm", "--out", str(out), "--examples-md", str(tmp_path / "ex.md")]) == 0
+                 "--k", "3", "--no-minilm", "--judge", str(tmp_path / "bb-llama"), "--out", str(out),
+                 "--examples-md", str(tmp_path / "ex.md")]) == 0
     res = json.loads(out.read_text())
     assert set(res["results"]) == {"guided_k3", "best-of-k_k3", "greedy"}
     for r in res["results"].values():
         assert 0 <= r["retrieval_top1"] <= 1 and r["n"] == 5 and len(r["examples"]) == 5
+        assert r["judge_ppl_mean"] > 1 and r["input_judge_ppl_median"] > 1 and 0 <= r["repeat3_rate"] <= 1
+        assert all(e["judge_ppl"] is None or e["judge_ppl"] > 1 for e in r["examples"])
     assert res["meta"]["command"] == "reading-eval" and "| text | verbalization" in (tmp_path / "ex.md").read_text()
 
 

@@ -66,6 +66,7 @@ from nla_space.io import atomic_write_json, atomic_write_text, save_tensors, jso
 from nla_space.rollout import sample
 from nla_space.verbalizers.injection import InjectionSpec, input_ids_for_text, nearest_depth_pct, resolve_spec
 
+from .. import distributed
 from .dataset import assign_splits
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,9 @@ def _shard_paths(out: Path, i: int) -> tuple[Path, Path]:
 def build_injection_targets(backbone: Backbone, spec: InjectionTargetsSpec, out: Path, resume: bool = False,
                             stop_after_shards: int | None = None) -> InjectionTargets | None:
     """Extract (or continue extracting) the shards, then finalize ``out``; ``stop_after_shards``
-    stops early without finalizing (tests: an interruption) and returns None."""
+    stops early without finalizing (tests: an interruption) and returns None. With N processes
+    (:mod:`eval_harness.distributed`) shard ``i`` of the missing ones is made by rank ``i mod N``
+    and rank 0 finalizes (other ranks return None): the files of one process."""
     out = Path(out)
     if (out / "meta.json").is_file():
         raise NLAInputError(f"{out} already holds a finished injection target set")
@@ -255,8 +258,6 @@ def build_injection_targets(backbone: Backbone, spec: InjectionTargetsSpec, out:
         old = json.loads(spec_path.read_text(encoding="utf-8"))
         if old != spec.identity():
             raise NLAInputError(f"{out}: --resume with different settings {old} vs {spec.identity()}")
-    else:
-        atomic_write_json(spec_path, spec.identity())
     ispec = base_spec()
     depths = depth_layers(backbone.num_layers, spec.bands, ispec.depth_grid)
     layers = [d.layer for d in depths]
@@ -264,15 +265,18 @@ def build_injection_targets(backbone: Backbone, spec: InjectionTargetsSpec, out:
     if len(rows) < 4:
         raise NLAInputError(f"{spec.texts_file}: {len(rows)} usable texts; at least 4 are needed (one per split)")
     n_shards = (len(rows) + spec.batch_size - 1) // spec.batch_size
+    missing = [i for i in range(n_shards) if not all(q.is_file() for q in _shard_paths(out, i))]
+    distributed.barrier()  # every rank has checked the folder and listed the missing shards before any rank writes
+    if not spec_path.is_file() and distributed.world().is_main:
+        atomic_write_json(spec_path, spec.identity())
     t0 = time.perf_counter()
     made = 0
-    bar = tqdm(total=len(rows), desc="injection-targets", unit="text", dynamic_ncols=True)
-    for i in range(n_shards):
+    main = distributed.world().is_main
+    bar = tqdm(total=len(rows), desc="injection-targets", unit="text", dynamic_ncols=True, disable=not main)
+    bar.update(sum(len(rows[i * spec.batch_size : (i + 1) * spec.batch_size]) for i in range(n_shards) if i not in missing))
+    for i in distributed.shard(missing):
         vec_path, txt_path = _shard_paths(out, i)
         chunk = rows[i * spec.batch_size : (i + 1) * spec.batch_size]
-        if txt_path.is_file() and vec_path.is_file():
-            bar.update(len(chunk))
-            continue
         if stop_after_shards is not None and made >= stop_after_shards:
             bar.close()
             return None
@@ -283,9 +287,10 @@ def build_injection_targets(backbone: Backbone, spec: InjectionTargetsSpec, out:
         lines = (json.dumps({"id": tid, "text": t, "description": d}, ensure_ascii=False) for (tid, t), d in zip(chunk, descs))
         atomic_write_text(txt_path, "\n".join(lines) + "\n")  # last: marks the shard done
         made += 1
-        bar.update(len(chunk))
+        bar.update(len(chunk) * distributed.world().size)
     bar.close()
-    return finalize(backbone, spec, out, n_shards, depths, time.perf_counter() - t0)
+    distributed.barrier()  # every shard is written before rank 0 reads them all
+    return finalize(backbone, spec, out, n_shards, depths, time.perf_counter() - t0) if main else None
 
 
 def finalize(backbone: Backbone, spec: InjectionTargetsSpec, out: Path, n_shards: int, depths: list[DepthLayer], seconds: float) -> InjectionTargets:

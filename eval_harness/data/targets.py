@@ -16,7 +16,9 @@ The target vector of a row is ``hidden_states[layer]`` at the last valid token o
 Generation is resumable: every batch becomes one *shard* (``shards/NNNNN.safetensors`` with
 ``{"v"}`` then ``shards/NNNNN.jsonl``, both atomic; a shard counts once its JSONL exists). Shard
 ``i`` draws from its own generator seeded with ``seed * 1_000_003 + i``, so an interrupted run
-continued with ``--resume`` gives exactly the rows of an uninterrupted one. Finalizing checks the
+continued with ``--resume`` gives exactly the rows of an uninterrupted one. With N processes (:mod:`eval_harness.distributed`) shard ``i`` is made and written by rank
+``i mod N`` (of the shards still missing), and rank 0 finalizes once all are written: the same files
+as one process. Finalizing checks the
 set's health, assigns the splits (seeded, by sequence, disjoint) and writes the
 :mod:`eval_harness.data.dataset` layout.
 
@@ -50,6 +52,7 @@ from nla_space.hub import load_state_dict
 from nla_space.io import atomic_write_json, atomic_write_text, save_tensors, jsonl_lines
 from nla_space.rollout import sample
 
+from .. import distributed
 from .dataset import SPLITS, TargetSet, assign_splits, write_target_set
 
 log = logging.getLogger(__name__)
@@ -227,11 +230,8 @@ def _read_shard(out: Path, i: int) -> tuple[torch.Tensor, list[list[int]], list[
     return v, rows, texts
 
 
-def _done_shards(out: Path) -> int:
-    i = 0
-    while all(p.is_file() for p in _shard_paths(out, i)):
-        i += 1
-    return i
+def _missing_shards(out: Path, n_shards: int) -> list[int]:
+    return [i for i in range(n_shards) if not all(p.is_file() for p in _shard_paths(out, i))]
 
 
 # ----------------------------------------------------------------------------------------- build
@@ -241,7 +241,7 @@ def build_targets(backbone: Backbone, spec: TargetsSpec, out: Path, resume: bool
     """Generate (or continue) the shards, then finalize the target set in ``out``.
 
     ``stop_after_shards`` stops after that many shards *in this call* without finalizing (tests
-    use it to simulate an interruption); it returns None then.
+    use it to simulate an interruption); it returns None then, as it does on ranks other than 0.
     """
     out = Path(out)
     check_layer(backbone, spec.layer)
@@ -259,40 +259,44 @@ def build_targets(backbone: Backbone, spec: TargetsSpec, out: Path, resume: bool
             raise NLAInputError(f"{out} holds an unfinished run; pass --resume to continue it or use another --out")
         if old != spec.identity():
             raise NLAInputError(f"{out}: --resume with different settings {old} vs {spec.identity()}")
-    else:
-        atomic_write_json(spec_path, spec.identity())
-
     n_shards = (spec.n + spec.batch_size - 1) // spec.batch_size
-    start = _done_shards(out)
-    corpus_iter = None
-    if spec.corpus is not None:
-        corpus_iter = corpus_ids(backbone, Path(spec.corpus), spec.seq_len, spec.min_chars)
-        for _ in range(start * spec.batch_size):  # skip the rows already written
-            next(corpus_iter, None)
+    missing = _missing_shards(out, n_shards)
+    distributed.barrier()  # every rank has checked the folder and listed the missing shards before any rank writes
+    if not spec_path.is_file() and distributed.world().is_main:
+        atomic_write_json(spec_path, spec.identity())
+    todo = distributed.shard(missing)
+    corpus_rows: list[list[int]] = []
+    if spec.corpus is not None and todo:
+        it = corpus_ids(backbone, Path(spec.corpus), spec.seq_len, spec.min_chars)
+        corpus_rows = [r for r in (next(it, None) for _ in range((max(todo) + 1) * spec.batch_size)) if r is not None]
+    main = distributed.world().is_main
     t0 = time.perf_counter()
     base_s = _previous_timing(out).get("generate_s", 0.0)
     made = 0
-    bar = tqdm(total=spec.n, initial=min(start * spec.batch_size, spec.n), desc="targets", unit="seq", dynamic_ncols=True)
-    for i in range(start, n_shards):
+    bar = tqdm(total=spec.n, initial=min((n_shards - len(missing)) * spec.batch_size, spec.n), desc="targets", unit="seq",
+               dynamic_ncols=True, disable=not main)
+    for i in todo:
         if stop_after_shards is not None and made >= stop_after_shards:
             bar.close()
             return None
         count = min(spec.batch_size, spec.n - i * spec.batch_size)
-        if corpus_iter is None:
+        if spec.corpus is None:
             gen = torch.Generator(device=backbone.device).manual_seed(spec.seed * 1_000_003 + i)
             rows = sample_ids(backbone, count, spec.seq_len, gen, spec.temperature, spec.top_p)
         else:
-            rows = [r for r in (next(corpus_iter, None) for _ in range(count)) if r is not None]
+            rows = corpus_rows[i * spec.batch_size : i * spec.batch_size + count]
             if len(rows) < count:
                 raise NLAInputError(f"{spec.corpus}: only {i * spec.batch_size + len(rows)} usable rows (≥ {spec.min_chars} chars), --n is {spec.n}")
         vectors = encode_ids(backbone, spec.layer, rows)
         texts = [backbone.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
-        _write_shard(out, i, vectors, rows, texts)
-        atomic_write_json(out / "timing.json", {"generate_s": round(base_s + time.perf_counter() - t0, 2)})
+        _write_shard(out, i, vectors, rows, texts)  # by the rank that made it: each shard is its own atomic files
+        if main:
+            atomic_write_json(out / "timing.json", {"generate_s": round(base_s + time.perf_counter() - t0, 2)})
         made += 1
-        bar.update(count)
+        bar.update(count * distributed.world().size)
     bar.close()
-    return finalize(backbone, spec, out, n_shards)
+    distributed.barrier()  # every shard is written before rank 0 reads them all
+    return finalize(backbone, spec, out, n_shards) if main else None
 
 
 def finalize(backbone: Backbone, spec: TargetsSpec, out: Path, n_shards: int) -> TargetSet:

@@ -18,6 +18,9 @@ open the card and targets; returns the target ids), :meth:`fingerprint` (what a 
 :meth:`write_extra` and :meth:`summary`. :meth:`flat_values` turns a results file back into the
 flat ``key → number`` table the leaderboard reads (``M`` and ``K`` included where known).
 
+With N processes (``torchrun``/``accelerate launch``) the targets are split over the ranks and
+rank 0 aggregates and writes (:class:`eval_harness.results.Checkpoint`, :mod:`eval_harness.distributed`).
+
 Conventions shared by every eval (targets, μ, seeds, resume, meta): :mod:`eval_harness.evals.common`
 and :mod:`eval_harness.results`. The registry is :data:`eval_harness.evals.EVALS`.
 """
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .. import distributed
 from ..results import Checkpoint, now_iso, run_meta, write_results
 from ..settings import add_setting_options, settings_from_args
 
@@ -122,6 +126,8 @@ class EvalTask:
         targets = self.open()
         ckpt = Checkpoint(Path(self.cfg.out), self.fingerprint(), self.cfg.resume).open()
         recs = ckpt.run(targets, self.process, desc=self.name)
+        if not distributed.world().is_main:  # N processes: rank 0 aggregates and writes (eval_harness.distributed)
+            return 0
         results = self.aggregate(recs)
         results["meta"] = run_meta(self.name, self.meta_fields(results), started, started_iso, self.cfg.out, self.args)
         log_samples = getattr(self.cfg, "log_samples", None)

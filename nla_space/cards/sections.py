@@ -413,3 +413,5 @@ class PatchSection(Section):
     guided_beta: float = DEFAULT_BETA
     guided_prefixes: bool = True
     calibration: Calibration | None = None
+    #: the greedy rollout's repetition guard n (:mod:`nla_space.rollout`): no n-gram more than twice; 0 = off
+    greedy_repeat_ngram: int = 0

@@ -8,7 +8,21 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..backbone import Backbone
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NLAInputError
+
+
+def check_not_offloaded(backbone: Backbone) -> None:
+    """A LoRA cannot be attached to weights accelerate offloaded to disk (they are meta tensors
+    until a forward): refuse by name (:mod:`nla_space.placement`)."""
+    placed = getattr(backbone.model, "hf_device_map", None) or {}
+    on_gpu = any(v not in ("cpu", "disk") for v in placed.values())
+    # with a GPU in the map, accelerate also offloads "cpu" blocks (meta weights, moved in per forward)
+    disk = sorted(k for k, v in placed.items() if v == "disk" or (on_gpu and v == "cpu"))
+    if disk:
+        raise NLAInputError(f"this card attaches a LoRA, which cannot sit on offloaded weights ({', '.join(disk[:3])}"
+                            f"{', …' if len(disk) > 3 else ''}): give the device map GPUs or CPU memory for every block "
+                            "(raise $NLA_MAX_MEMORY, or add GPUs); with GPUs, blocks on the CPU are offloaded too, so a LoRA card needs "
+                            "every block on a GPU")
 
 
 def attach_lora(backbone: Backbone, folder: Path, trainable: bool = False) -> Any:
@@ -16,6 +30,7 @@ def attach_lora(backbone: Backbone, folder: Path, trainable: bool = False) -> An
     (frozen and in eval mode unless ``trainable``)."""
     from peft import PeftModel
 
+    check_not_offloaded(backbone)
     if not (folder / "adapter_config.json").is_file():
         raise CheckpointError(f"{folder}: no adapter_config.json: not a PEFT adapter folder")
     try:
@@ -35,6 +50,7 @@ def new_lora(backbone: Backbone, config: Any) -> Any:
     a shipped ``adapter_config.json``."""
     from peft import get_peft_model
 
+    check_not_offloaded(backbone)
     with quiet_peft():
         pm = get_peft_model(backbone.model, config)
     for cfg in pm.peft_config.values():

@@ -17,6 +17,13 @@ Design (measured against the prefix AV before it was chosen; see ``docs/training
     shuffled one; the LoRA is trained with token CE on natural text windows
     (:mod:`eval_harness.train.patch`).
 
+Several layers, one adapter (``PatchSpec.layers``)
+    An AV may read several layers ``ℓ₁ < … < ℓₙ`` with one LoRA on blocks ℓ₁ … N−1. Reading at ℓ,
+    the LoRA is *on only for blocks ≥ ℓ*, so everything above still holds at every ℓ: blocks below
+    the patch run untouched. The gate is per thread and on only inside :meth:`ResidualPatch.apply`
+    (:func:`gate_lora`): any other forward through the same model (a read, a re-encode, another
+    request) sees the plain backbone. A single-layer AV is the case ``layers == [layer]``.
+
 Text conventions
     The AV's input is ``[BOS] + tokens(text)`` exactly as :func:`nla_space.activations.encode_text`
     builds it; its targets are ``tokens(text) + [EOS]`` where EOS is the backbone's first stop id,
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -49,7 +57,8 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 class PatchSpec:
     """What a patch AV folder declares (``patch_av.json``); every default is here, once."""
 
-    layer: int
+    layer: int  #: the lowest layer read: the LoRA is on blocks ``layer … N−1``
+    layers: list[int] | None = None  #: every layer the AV reads (sorted, lowest = ``layer``); None means ``[layer]``
     r: int = 16
     alpha: int = 32
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
@@ -65,23 +74,84 @@ class PatchSpec:
             raise CheckpointError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
         if "layer" not in data:
             raise CheckpointError(f"{where}: missing 'layer'")
-        return cls(**data)
+        spec = cls(**data)
+        if spec.layers is not None and (sorted(set(spec.layers)) != list(spec.layers) or spec.layers[0] != spec.layer):
+            raise CheckpointError(f"{where}: 'layers' must be sorted, distinct and start at 'layer' ({spec.layer}); got {spec.layers}")
+        return spec
+
+    @property
+    def read_layers(self) -> list[int]:
+        """The layers this AV reads (``layers``, or ``[layer]``)."""
+        return list(self.layers) if self.layers else [self.layer]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def lora_config(self, num_layers: int) -> Any:
-        """The PEFT LoRA config: the spec's modules on blocks ℓ … N−1 only."""
+        """The PEFT LoRA config: the spec's modules on blocks ℓ₁ … N−1 only (ℓ₁ = ``layer``, the lowest read)."""
         from peft import LoraConfig
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=list(self.target_modules),
                           layers_to_transform=list(range(self.layer, num_layers)), task_type="CAUSAL_LM")
 
 
+_GATE = threading.local()  #: ``.lowest``: the layer this thread's AV forward reads (None: LoRA off)
+_BLOCK_RE = re.compile(r"\.layers\.(\d+)\.")
+_GATED: dict[type, type] = {}
+
+
+def _lora_on(block: int) -> bool:
+    lowest = getattr(_GATE, "lowest", None)
+    return lowest is not None and block >= lowest
+
+
+def _gated(cls: type) -> type:
+    """``cls`` (a PEFT LoRA layer class) whose ``disable_adapters`` also holds outside the gate."""
+    if cls not in _GATED:
+        base = cls.disable_adapters
+
+        def disable_adapters(self: Any) -> bool:
+            return base.fget(self) or not _lora_on(self._nla_block)
+
+        _GATED[cls] = type(f"Gated{cls.__name__}", (cls,), {"disable_adapters": property(disable_adapters)})
+    return _GATED[cls]
+
+
+def gate_lora(peft_model: Any) -> Any:
+    """Make each LoRA layer of ``peft_model`` in block k run only while this thread is inside a
+    :meth:`ResidualPatch.apply` that reads a layer ≤ k (see the module docstring).
+
+    Why a class swap: PEFT decides per module, through the ``disable_adapters`` property, whether
+    the adapter runs; its public switch (``enable_adapters``) is global and also flips
+    ``requires_grad``, so it cannot serve two threads reading different layers. The swapped class
+    only adds the gate to that property; saving, loading and ``isinstance`` are unchanged."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, LoraLayer):
+            m = _BLOCK_RE.search(name)
+            if m is None:
+                raise CheckpointError(f"patch AV: LoRA module {name} is not in a decoder block")
+            mod._nla_block = int(m.group(1))
+            mod.__class__ = _gated(type(mod))
+    return peft_model
+
+
+@contextlib.contextmanager
+def _gate_from(layer: int) -> Iterator[None]:
+    old = getattr(_GATE, "lowest", None)
+    _GATE.lowest = layer
+    try:
+        yield
+    finally:
+        _GATE.lowest = old
+
+
 class ResidualPatch:
     """A forward hook on block ℓ−1 that writes ``v`` into position 0 of ``hidden_states[ℓ]``.
 
-    Inside ``with patch.apply(v) as states:`` the first forward call through the block *made by this
+    Inside ``with patch.apply(v) as states:`` the AV's LoRA is on for blocks ≥ ℓ in this thread
+    (:func:`gate_lora`), and the first forward call through the block *made by this
     thread* is the one holding position 0 (a training forward, or a rollout's prefill): its
     position-0 output is replaced. With ``record=True`` every such call's last-position output is
     appended to ``states`` (the layer-ℓ state of the text so far, for guided decoding). Calls from
@@ -117,7 +187,8 @@ class ResidualPatch:
 
         handle = self.block.register_forward_hook(hook)
         try:
-            yield states
+            with _gate_from(self.layer):
+                yield states
         finally:
             handle.remove()
 
@@ -170,8 +241,8 @@ def attach(backbone: Backbone, spec: PatchSpec, folder: Path | None = None, trai
     from .lora import attach_lora, freeze, new_lora
 
     if folder is not None:
-        return attach_lora(backbone, folder, trainable)
-    pm = new_lora(backbone, spec.lora_config(backbone.num_layers))
+        return gate_lora(attach_lora(backbone, folder, trainable))
+    pm = gate_lora(new_lora(backbone, spec.lora_config(backbone.num_layers)))
     return pm if trainable else freeze(pm)
 
 

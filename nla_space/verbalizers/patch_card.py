@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from ..card_files import card_files, load_card_mu, open_compass
 from ..cards import Card
 from ..cards.sections import PatchSection
 from ..errors import CheckpointError, NLAInputError
+from ..placement import placement_from_env
 from ..kv_cache import preallocated_cache, reorder_cache
 from ..rollout import Rollout, request_generator, sample
 from ..specificity import Specificity, load_pool
@@ -38,7 +40,8 @@ from .patch import PatchSpec, ResidualPatch, attach, read_spec
 
 log = logging.getLogger(__name__)
 
-_OPENED: dict[tuple[str, str, str], tuple[Backbone, Any]] = {}
+REPEAT_ENV = "NLA_GREEDY_REPEAT_NGRAM"  #: overrides the card's greedy repetition guard (measurements: 0 turns it off)
+_OPENED: dict[tuple[str, ...], tuple[Backbone, Any]] = {}
 _OPENED_LOCK = threading.Lock()
 
 
@@ -92,6 +95,7 @@ class OpenPatchCard(RawTextCard):
     """A patch card opened for use: its private backbone (the LoRA attached above ℓ), the patch AV, μ and pool."""
 
     av: PatchAV
+    repeat_ngram: int = 0  #: the greedy repetition guard's n (the card's ``patch.greedy_repeat_ngram``)
 
     @property
     def top_p(self) -> float:
@@ -124,8 +128,10 @@ class OpenPatchCard(RawTextCard):
         bb = self.backbone
         gen = request_generator(seed, bb.device)
         bos = bb.embed_tokens(torch.full((n, 1), bb.bos_id, device=bb.device))
+        guard = self.repeat_ngram if greedy else 0
         with self.av.patch.apply(v.to(bb.device)[None]):
-            return sample(bb, bos, max_new_tokens, temperature=temperature, top_p=self.top_p, greedy=greedy, generator=gen)
+            return sample(bb, bos, max_new_tokens, temperature=temperature, top_p=self.top_p, greedy=greedy, generator=gen,
+                          repeat_ngram=guard)
 
     @contextlib.contextmanager
     def search_parts(self, v: torch.Tensor, layer: int, k: int, max_new_tokens: int) -> Iterator[tuple[guided.Stepper, guided.Tracker]]:
@@ -138,7 +144,8 @@ class OpenPatchCard(RawTextCard):
 
 
 def _private_backbone(card: Card, folder: Path, spec: PatchSpec, device: str | None, dtype: str | None) -> tuple[Backbone, Any]:
-    key = (str(folder.resolve()), str(device), str(dtype))
+    placement = placement_from_env()
+    key = (str(folder.resolve()), str(device), str(dtype), placement.key() if placement else "")
     with _OPENED_LOCK:
         if key not in _OPENED:
             bb = load_backbone(card.backbone_id, revision=card.backbone.revision, device=device, dtype=dtype,
@@ -172,4 +179,5 @@ def open_patch_card(card: Card, backbone: str | None = None, device: str | None 
     compass, compass_tau = open_compass(card, folder, notes)
     return OpenPatchCard(card=card, backbone=bb, av=av, trained=True, mu=mu, notes=notes, compass=compass, compass_tau=compass_tau,
                          specificity=specificity, default_strategy=section.default_strategy,
-                         guided_beta=section.guided_beta, guided_prefixes=section.guided_prefixes)
+                         guided_beta=section.guided_beta, guided_prefixes=section.guided_prefixes,
+                         repeat_ngram=int(os.environ.get(REPEAT_ENV, section.greedy_repeat_ngram)))
