@@ -7,6 +7,7 @@ from pathlib import Path
 
 from nla_space.backbone import shared_backbone
 from nla_space.cards import PACKAGE_ROOT, Card
+from nla_space.errors import NLAInputError
 from nla_space.runtime import open_card
 from nla_space.verbalizers.patch import read_spec
 
@@ -41,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-precision", type=float, default=0.85)
     p.add_argument("--feature", choices=FEATURES, default="margin40",
                    help="the calibration feature (nla_space.specificity: z, or margin40 = margin over the pool's top 2.5%%)")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="the card's layers, default first (default: every layer the AV reads, the lowest first); "
+                        "each gets its μ, pool and (with --calibrate) calibration")
     p.add_argument("--device", default=None)
 
 
@@ -48,38 +52,53 @@ def run(args: argparse.Namespace) -> int:
     av_folder = PACKAGE_ROOT / args.av_folder
     copy_av(args.run / "best", av_folder)
     bb = shared_backbone(args.backbone, device=args.device)
-    spec_layer = read_spec(av_folder).layer
-    pool = write_pool(bb, spec_layer, args.corpus, av_folder)
+    read_layers = read_spec(av_folder).read_layers
+    layers = list(args.layers) if args.layers else read_layers
+    unread = [ell for ell in layers if ell not in read_layers]
+    if unread or len(set(layers)) != len(layers):
+        raise NLAInputError(f"--layers {layers}: the AV reads {read_layers} (each layer once)")
+    pool = write_pool(bb, layers, args.corpus, av_folder)
     old = read_card_json(args.card_file)
-    calibration = old.get("patch", {}).get("calibration")
+    old_patch = old.get("patch", {})
+    calibration = old_patch.get("calibration")
+    per_layer = {int(ell): c for ell, c in old_patch.get("layer_calibrations", {}).items()}
     keep = {k: old[k] for k in ("license", "training", "heldout", "compass", "anchors", "published") if k in old}
     keep.setdefault("training", {})["pool"] = pool
 
     title = old.get("title", "") if args.title is None else args.title
     description = old.get("description", "") if args.description is None else args.description
 
-    def make(cal: dict | None) -> dict:
+    def make(cal: dict | None, others: dict[int, dict]) -> dict:
         return card_dict(args.card_id, [a for a in args.aliases.split(",") if a], title, description,
-                         {"id": args.backbone, "revision": None, "dtype": "float32"}, spec_layer, args.av_folder, cal, args.strategy, keep,
-                         guided_beta=args.guided_beta)
+                         {"id": args.backbone, "revision": None, "dtype": "float32"}, layers, args.av_folder, cal, args.strategy, keep,
+                         guided_beta=args.guided_beta, layer_calibrations=others,
+                         greedy_repeat_ngram=int(old_patch.get("greedy_repeat_ngram", 0)))
 
     if args.calibrate:
-        write_card(args.card_file, make(None))
-        oc = open_card(Card.from_dict(make(None), str(args.card_file)), device=args.device)
+        write_card(args.card_file, make(None, {}))
+        oc = open_card(Card.from_dict(make(None, {}), str(args.card_file)), device=args.device)
         if args.calibration_texts is not None:
             rows, name = calibration_rows(args.calibration_texts)[: args.calibrate], args.calibration_texts.name
         else:
             rows, name = read_corpus(args.corpus, "val")[: args.calibrate], "corpus val texts"
-        spec = Specificity.from_pool(load_pool(av_folder / "pool.safetensors"), oc.mu)
-        if args.calibration_records is not None:
-            recs = records_for(args.calibration_records, args.strategy, args.k, rows)
-            calibration = fit_from_records(recs, spec, args.strategy, args.k, args.target_precision, texts_name=name,
-                                           feature=args.feature)
-        else:
-            calibration, recs = calibrate(oc, rows, args.strategy, args.k, args.target_precision, spec,
-                                          records=args.run / "calibration_records.jsonl", texts_name=name, feature=args.feature)
-        spec.calibration = Calibration.from_dict(calibration, name)
-        keep["anchors"] = {**keep.get("anchors", {}), **confidence_anchors(recs, spec)}
-    write_card(args.card_file, make(calibration))
-    print(f"wrote {args.card_file} (calibration: {calibration})")
+        fits: dict[int, dict] = {}
+        for ell in layers:
+            spec = Specificity.from_pool(load_pool(av_folder / "pool.safetensors", ell), oc.mu_at(ell))
+            if args.calibration_records is not None:
+                recs = records_for(args.calibration_records, args.strategy, args.k, rows, layer=ell)
+                fits[ell] = fit_from_records(recs, spec, args.strategy, args.k, args.target_precision, texts_name=name,
+                                             feature=args.feature)
+            else:
+                records = args.run / ("calibration_records.jsonl" if len(layers) == 1 else f"calibration_records.L{ell}.jsonl")
+                fits[ell], recs = calibrate(oc, rows, args.strategy, args.k, args.target_precision, spec, records=records,
+                                            texts_name=name, feature=args.feature, layer=ell)
+            if ell == layers[0]:
+                spec.calibration = Calibration.from_dict(fits[ell], name)
+                keep["anchors"] = {**keep.get("anchors", {}), **confidence_anchors(recs, spec)}
+        calibration, per_layer = fits[layers[0]], fits
+    write_card(args.card_file, make(calibration, per_layer))
+    print(f"wrote {args.card_file} (calibration at layer {layers[0]}: {calibration})")
+    for ell, c in per_layer.items():
+        if ell != layers[0]:
+            print(f"  layer {ell}: tau {c['tau']}, precision {c['precision']}, coverage {c['coverage']}")
     return 0

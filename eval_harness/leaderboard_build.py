@@ -3,7 +3,7 @@
 ``python -m eval_harness leaderboard`` calls :func:`build_leaderboard` with the results files it
 finds and writes ``nla_space/assets/leaderboard.json`` (the app reads it with
 :func:`nla_space.leaderboard.load_leaderboard`; the schema is stated there) and, when asked, the
-markdown rendering :func:`to_markdown`.
+markdown rendering :func:`~eval_harness.leaderboard_markdown.to_markdown` (re-exported here).
 
 Which rows exist is read from the evals registry (:data:`eval_harness.evals.EVALS`): a results file's
 ``meta.command`` names its eval, the eval says which table the file fills
@@ -25,21 +25,31 @@ Conventions:
 * A results file is any JSON written by a registered eval: its keys at the top level and a
   ``meta`` block with at least ``command``, ``card`` (or ``backbone`` + ``layer`` for
   ``oracle-ceiling``). When several files fill the same row, the one finished last wins.
+* Per layer (``reading-eval --layers``): a run keyed ``<run>_L<ℓ>`` (``greedy_L3``) is a point of
+  ``layer_curves`` (:func:`reproduced_layer_points`); the rows read only the un-suffixed runs and, where a
+  file has none of that name, the card's default layer's (:func:`default_layer_runs`), so a per-layer file
+  fills the same rows as a default-layer one and one without the default layer leaves them to older files.
+  Published per-layer numbers (a card table's ``L<block>`` keys) are points too
+  (:func:`nla_space.leaderboard.published_layer_points`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Iterable
 
 from nla_space.cards import Card, builtin_cards
-from nla_space.leaderboard import CARD_META_KEYS, FINDINGS_NOTE, Source, curve, finite, other_published, published_source
+from nla_space.leaderboard import (CARD_META_KEYS, LAYER_METRICS, Source, card_blocks, curve, depth_pct, finite,
+                                   layer_point, other_published, published_layer_points, published_source)
 from nla_space.scoring import rho
 
 from .evals import EVALS, EvalTask, Metric
+from .leaderboard_markdown import to_markdown
+
+__all__ = ["build_leaderboard", "kcurve_slope", "layer_curves", "to_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +102,88 @@ def _finished(result: dict[str, Any]) -> str:
     return str(result.get("meta", {}).get("finished") or "")
 
 
+_RUN_LAYER = re.compile(r"(?P<run>.+)_L(?P<layer>\d+)")
+
+
+def split_run(name: str) -> tuple[str, int | None]:
+    """A results key → (run, layer): ``greedy_L3`` → ``("greedy", 3)``, ``guided_k16`` → ``("guided_k16", None)``."""
+    m = _RUN_LAYER.fullmatch(name)
+    return (m.group("run"), int(m.group("layer"))) if m else (name, None)
+
+
+def default_layer_runs(res: dict[str, Any], default_layer: int | None) -> dict[str, Any] | None:
+    """The results file as the rows read it: its un-suffixed runs, plus each ``<run>_L<default_layer>``
+    under the name ``<run>`` where no un-suffixed run has it. A file without per-layer runs is returned
+    as it is; None when nothing is left (a per-layer file without the default layer fills no row)."""
+    runs = res.get("results")
+    if not isinstance(runs, dict) or all(split_run(str(k))[1] is None for k in runs):
+        return res
+    keep = {k: v for k, v in runs.items() if split_run(str(k))[1] is None}
+    for name, run in runs.items():
+        base, layer = split_run(str(name))
+        if layer is not None and layer == default_layer:
+            keep.setdefault(base, run)
+    return {**res, "results": keep} if keep else None
+
+
+def _run_rank(run: str) -> tuple[int, str]:
+    """Greedy first, then guided, then the others (by name)."""
+    return (0 if run == "greedy" else 1 if run.startswith("guided") else 2, run)
+
+
+def reproduced_layer_points(results: Iterable[dict[str, Any]], cards: list[Card]) -> list[dict[str, Any]]:
+    """One ``layer_curves`` point per (card, run, layer) of the ``reading-eval`` results whose runs carry a
+    layer (keys ``<run>_L<ℓ>``); when several files give the same point, the one finished last wins.
+    ``depth_pct`` uses the card's block count (:func:`nla_space.leaderboard.card_blocks`; None for a card
+    outside ``cards`` or one whose count is unknown). Sorted by card, run (:func:`_run_rank`), layer."""
+    by_id = {c.id: c for c in cards}
+    points: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for res in sorted(results, key=_finished):
+        meta = res.get("meta") or {}
+        task = _eval_of(meta)
+        runs = res.get("results")
+        if task is None or task.table != "reading_eval" or not isinstance(runs, dict) or not meta.get("card"):
+            continue
+        cid = str(meta["card"])
+        n_blocks = card_blocks(by_id.get(cid))
+        for name, run in runs.items():
+            base, layer = split_run(str(name))
+            if layer is None or not isinstance(run, dict):
+                continue
+            points[(cid, base, layer)] = layer_point(
+                card=cid, origin="reproduced", metric=task.result_table(meta), run=base, strategy=run.get("strategy"),
+                k=run.get("k"), layer=layer, depth_pct=depth_pct(layer, n_blocks), n_blocks=n_blocks,
+                label=f"{base}, reading-eval", n=run.get("n"), meta=_meta_summary(meta), source=str(meta.get("path") or ""),
+                **{m: _r(finite(run.get(m))) for m in LAYER_METRICS})
+    order = {cid: i for i, cid in enumerate(by_id)}
+    return [points[k] for k in sorted(points, key=lambda k: (order.get(k[0], len(order)), k[0], _run_rank(k[1]), k[2]))]
+
+
+def layer_curves(results: Iterable[dict[str, Any]], cards: list[Card]) -> list[dict[str, Any]]:
+    """Every card's reproduced per-layer points (:func:`reproduced_layer_points`), then the published
+    ones (:func:`nla_space.leaderboard.published_layer_points`), card by card."""
+    rep = reproduced_layer_points(results, cards)
+    ids = list(dict.fromkeys([c.id for c in cards] + [p["card"] for p in rep]))
+    pub = {c.id: published_layer_points(c) for c in cards}
+    return [p for cid in ids for p in [q for q in rep if q["card"] == cid] + pub.get(cid, [])]
+
+
 def reproduced_sources(results: Iterable[dict[str, Any]], cards: list[Card]) -> dict[str, Source]:
     """Group results files by card id; ``oracle-ceiling`` results without a card attach to every
-    card on the same backbone and layer."""
+    card on the same backbone and layer. Per-layer runs are read through :func:`default_layer_runs`."""
     out: dict[str, Source] = {}
+    defaults = {c.id: c.default_layer for c in cards}
     for res in sorted(results, key=_finished):
         meta = res.get("meta") or {}
         task = _eval_of(meta)
         if task is None:
             log.warning("skipping a results file without a known meta.command: %s", meta.get("path"))
             continue
+        view = default_layer_runs(res, defaults.get(str(meta.get("card"))))
+        if view is None:
+            log.info("%s: per-layer runs only, none at the card's default layer: no rows from it", meta.get("path"))
+            continue
+        res = view
         table = task.result_table(meta)
         ids = [meta["card"]] if meta.get("card") else [
             c.id for c in cards if c.backbone_id == meta.get("backbone") and meta.get("layer") in c.layers
@@ -171,15 +253,17 @@ def _row_key(metric: Metric, src: Source) -> tuple[str, int | None] | None:
 
 
 def _meta_summary(meta: dict[str, Any]) -> dict[str, Any]:
-    keep = ("command", "path", "card", "backbone", "backbone_revision", "layer", "M", "K", "pool_size", "seed",
+    keep = ("command", "path", "card", "backbone", "backbone_revision", "layer", "layers", "M", "K", "pool_size", "seed",
             "temperature", "max_new_tokens", "targets", "targets_split", "mu_source", "trained", "limit",
             "git_commit", "device", "wall_time_s", "finished", "note", "av_weights", "source")
     return {k: meta[k] for k in keep if k in meta}
 
 
 def build_leaderboard(results: Iterable[dict[str, Any]] = (), cards: list[Card] | None = None) -> dict[str, Any]:
-    """Published rows for every card, reproduced numbers from ``results`` beside them."""
+    """Published rows for every card, reproduced numbers from ``results`` beside them, and the per-layer
+    points (``layer_curves``: :func:`layer_curves`)."""
     cards = builtin_cards() if cards is None else cards
+    results = list(results)  # read twice: the rows and the per-layer points
     by_id = {c.id: c for c in cards}
     repro = reproduced_sources(results, cards)
     rows: list[dict[str, Any]] = []
@@ -234,82 +318,5 @@ def build_leaderboard(results: Iterable[dict[str, Any]] = (), cards: list[Card] 
                 found.append({"card": cid, "origin": origin, **f})
     skip = row_tables()
     others = [o for c in cards for o in other_published(c, skip)]
-    return {"generated": _now(), "rows": rows, "kcurves": kcurves, "findings": found, "anchors": anchors, "other_published": others}
-
-
-# ----------------------------------------------------------------------------------------------
-# Markdown rendering
-
-
-def _fmt(x: Any, nd: int = 3) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        return f"{x:+.{nd}f}" if nd == 4 else f"{x:.{nd}f}"
-    return str(x)
-
-
-def _card_descriptions() -> dict[str, str]:
-    """Built-in cards' descriptions (they carry each card's caveats), by card id."""
-    try:
-        return {c.id: c.description for c in builtin_cards() if c.description}
-    except Exception:  # a broken card file must not break the rendering
-        return {}
-
-
-def to_markdown(lb: dict[str, Any]) -> str:
-    """A markdown rendering: the findings first, then one table per card and the K-curves."""
-    out = [f"# Leaderboard\n\nGenerated {lb.get('generated')}. Scores are fve_nrm = ½(1+cos); centered = "
-           "μ of a disjoint pool subtracted; ρ = (s − floor)/(ceiling − floor) with the card's own anchors.\n"]
-    if lb.get("findings"):
-        out.append("\n## Findings\n\n" + FINDINGS_NOTE + "\n\n| card | origin | K-curve slope / doubling | logp-rerank − greedy | Spearman(logp, oracle) "
-                   "| NN-anchor rerank − greedy | raw floor | centered floor | centering changes verdict | greedy − NN-retrieval |\n"
-                   "|---|---|---|---|---|---|---|---|---|---|\n")
-        for f in lb["findings"]:
-            out.append(f"| `{f['card']}` | {f['origin']} | {_fmt(f['kcurve_slope_per_doubling'], 4)} | {_fmt(f['logp_rerank_minus_greedy'], 4)} "
-                       f"| {_fmt(f['spearman_logp_oracle'])} | {_fmt(f['nn_anchor_rerank_minus_greedy'], 4)} | {_fmt(f['raw_floor'])} "
-                       f"| {_fmt(f['centered_floor'])} | {_fmt(f['centering_changes_verdict'])} | {_fmt(f['greedy_minus_nn_retrieval'], 4)} |\n")
-    anchors = lb.get("anchors", {})
-    cards: list[str] = []
-    for r in lb["rows"]:
-        if r["card"] not in cards:
-            cards.append(r["card"])
-    for cid in cards:
-        rows = [r for r in lb["rows"] if r["card"] == cid]
-        out.append(f"\n## {rows[0]['title'] or cid}\n\n`{cid}` · backbone `{rows[0]['backbone']}` · layer {rows[0]['layer']}")
-        if cid in anchors:
-            a = anchors[cid]
-            out.append(f" · ρ anchors: floor {a['floor']:.3f}, ceiling {a['ceiling']:.3f} ({a.get('ceiling_name')})")
-        description = _card_descriptions().get(cid)
-        if description:
-            out.append(f"\n\n{description}")
-        out.append("\n\n| metric | K | M | published | ρ | reproduced | ρ | run |\n|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            rm = r.get("reproduced_meta") or {}
-            run = f"M={rm.get('M')}, K={rm.get('K')}, seed {rm.get('seed')}" if rm else ""
-            if rm.get("source"):  # the texts a reading-eval ran on (the latest run of a card fills its rows)
-                run += f", {Path(str(rm['source'])).name}"
-            out.append(f"| {r['label']} | {_fmt(r['K'])} | {_fmt(r['M'])} | {_fmt(r['published'])} | {_fmt(r['rho_published'], 2)} "
-                       f"| {_fmt(r['reproduced'])} | {_fmt(r['rho_reproduced'], 2)} | {run} |\n")
-        srcs = sorted({r["published_source"] for r in rows if r["published_source"]})
-        if srcs:
-            out.append("\nSources: " + "; ".join(srcs) + "\n")
-    if lb.get("kcurves"):
-        out.append("\n## K-curves (oracle best-of-K′, centered)\n\n| card | origin | " + " | ".join(
-            f"K={k}" for k in sorted({c['K'] for c in lb['kcurves']})) + " |\n")
-        ks = sorted({c["K"] for c in lb["kcurves"]})
-        out.append("|---|---|" + "---|" * len(ks) + "\n")
-        seen: list[tuple[str, str]] = []
-        for c in lb["kcurves"]:
-            if (c["card"], c["origin"]) not in seen:
-                seen.append((c["card"], c["origin"]))
-        for cid, origin in seen:
-            vals = {c["K"]: c["score_cen"] for c in lb["kcurves"] if c["card"] == cid and c["origin"] == origin}
-            out.append(f"| `{cid}` | {origin} | " + " | ".join(_fmt(vals.get(k)) for k in ks) + " |\n")
-    if lb.get("other_published"):
-        out.append("\n## Other published numbers (not fve_nrm; read each note)\n\n| card | table | key | value | note | source |\n|---|---|---|---|---|---|\n")
-        for o in lb["other_published"]:
-            out.append(f"| `{o['card']}` | {o['table']} | {o['key']} | {o['value']} | {o.get('note') or ''} | {o.get('source') or ''} |\n")
-    return "".join(out)
+    return {"generated": _now(), "rows": rows, "kcurves": kcurves, "findings": found, "anchors": anchors, "other_published": others,
+            "layer_curves": layer_curves(results, cards)}

@@ -6,6 +6,7 @@ Steps (each writes atomically; rerunning redoes only what is asked):
 2. **μ and pool**: the layer-ℓ activations of the corpus's ``mu_pool`` split (never trained on, never
    evaluated), read like typed texts; μ is their mean (``mu.safetensors``), the pool is the vectors
    (``pool.safetensors``, float16) that specificity is measured against (:mod:`nla_space.specificity`).
+   A card of several layers gets one of each per layer, as the tensors ``mu.L{ℓ}`` and ``pool.L{ℓ}``.
 3. **Calibration** (``--calibrate N``): N calibration texts verbalized at the card's default strategy
    and K; each answer's specificity and its 1-in-40 retrieval correctness among the N (20 random
    40-sets, distractors of the same kind first) give the logistic fit and the threshold τ at the
@@ -15,6 +16,10 @@ Steps (each writes atomically; rerunning redoes only what is asked):
    ``--calibration-records`` the fit is redone from a ``reading-eval --log-samples`` file of those
    texts, without verbalizing again. Written into the card file's ``patch.calibration`` with
    ``default_tau = τ``, and the confidence scale's anchors into ``anchors`` (:func:`confidence_anchors`).
+   A card of several layers is calibrated at each layer on the same texts (the other layers' fits go to
+   ``patch.layer_calibrations``); each layer's records are kept in ``calibration_records.L{ℓ}.jsonl`` of
+   the run folder, and a rerun reuses a layer's file whose texts and decoding match (a killed release
+   resumes at the first layer not done).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from nla_space.cards import Card
 from nla_space.cards.sections import PatchSection
 from nla_space.errors import NLAInputError
 from nla_space.io import atomic_write_json, save_tensors
-from nla_space.specificity import POOL_KEY, Calibration, Specificity, fit_calibration, retrieval_correct
+from nla_space.specificity import POOL_KEY, Calibration, Specificity, fit_calibration, pool_key, retrieval_correct
 from nla_space.verbalizers.patch import SPEC_FILE
 
 from .evals.reading_eval import ReadingEval
@@ -57,10 +62,11 @@ def copy_av(run_best: Path, folder: Path) -> None:
             tmp.replace(folder / f)
 
 
-def pool_fingerprint(backbone: Backbone, layer: int, texts: list[str]) -> str:
+def pool_fingerprint(backbone: Backbone, layers: list[int], texts: list[str]) -> str:
     """What μ and the pool are a function of: the plain backbone's layer-ℓ states of the pool texts
     (blocks below ℓ carry no LoRA, so the AV does not enter)."""
-    return hashlib.sha256(json.dumps([str(backbone.spec), layer, texts], ensure_ascii=False).encode()).hexdigest()
+    key = layers[0] if len(layers) == 1 else layers  # a one-layer card's fingerprint as before several layers existed
+    return hashlib.sha256(json.dumps([str(backbone.spec), key, texts], ensure_ascii=False).encode()).hexdigest()
 
 
 def _stored_fingerprint(path: Path) -> str | None:
@@ -74,40 +80,68 @@ def _stored_fingerprint(path: Path) -> str | None:
 
 
 @torch.inference_mode()
-def write_pool(backbone: Backbone, layer: int, corpus: Path, folder: Path, max_rows: int = 2000) -> dict[str, Any]:
-    """μ and the specificity pool of the corpus's mu_pool split into ``folder``; kept as they are when
-    the folder already holds them for the same backbone, layer and texts (a re-release that only
-    refits the calibration then skips the 2-5 min forward pass)."""
+def write_pool(backbone: Backbone, layers: int | list[int], corpus: Path, folder: Path, max_rows: int = 2000) -> dict[str, Any]:
+    """μ and the specificity pool of the corpus's mu_pool split at each of ``layers`` into ``folder``
+    (one layer: tensors ``mu`` and ``pool``; several: ``mu.L{ℓ}`` and ``pool.L{ℓ}``); kept as they are
+    when the folder already holds them for the same backbone, layers and texts (a re-release that only
+    refits the calibration then skips the 2-5 min forward pass per layer)."""
+    layers = [layers] if isinstance(layers, int) else sorted(set(layers))
     texts = [r["text"] for r in read_corpus(corpus, "mu_pool")][:max_rows]
     if len(texts) < 8:
         raise NLAInputError(f"{corpus}: the mu_pool split has {len(texts)} rows; need ≥ 8")
     info = {"pool_rows": len(texts), "source": f"{corpus} (mu_pool split)"}
-    fp = pool_fingerprint(backbone, layer, texts)
+    fp = pool_fingerprint(backbone, layers, texts)
     if (folder / "mu.safetensors").is_file() and _stored_fingerprint(folder / "pool.safetensors") == fp:
-        log.info("μ and pool in %s already match %s at layer %d: kept", folder, corpus, layer)
+        log.info("μ and pool in %s already match %s at layer(s) %s: kept", folder, corpus, layers)
         return info
     rows = [list(backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    V = read_rows(backbone, layer, rows)
-    save_tensors(folder / "mu.safetensors", {"mu": V.mean(dim=0)})
-    save_tensors(folder / "pool.safetensors", {POOL_KEY: V.half()}, metadata={"fingerprint": fp})
+    mus, pools = {}, {}
+    for ell in layers:
+        V = read_rows(backbone, ell, rows)
+        one = len(layers) == 1
+        mus["mu" if one else f"mu.L{ell}"] = V.mean(dim=0)
+        pools[POOL_KEY if one else pool_key(ell)] = V.half()
+    save_tensors(folder / "mu.safetensors", mus)
+    save_tensors(folder / "pool.safetensors", pools, metadata={"fingerprint": fp})
     return info
 
 
 def calibrate(oc: Any, rows: list[dict[str, Any]], strategy: str, k: int, target_precision: float, spec: Specificity,
               seed: int = 0, records: Path | None = None, texts_name: str = "val texts",
-              feature: str = "margin40") -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Verbalize the corpus ``rows`` and fit the confidence (module docstring, step 3); returns the
-    calibration dict. The per-text records (text, source, answer, specificity, vectors) are kept in
-    ``records`` (JSONL) when given, so the fit can be redone without verbalizing again."""
+              feature: str = "margin40", layer: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Verbalize the corpus ``rows`` at ``layer`` (None: the card's default) and fit the confidence
+    (module docstring, step 3); returns the calibration dict. The per-text records (text, source,
+    answer, specificity, vectors) are kept in ``records`` (JSONL) when given, so the fit can be redone
+    without verbalizing again; records already there for the same texts, layer and decoding are reused."""
     from tqdm import tqdm
 
     from nla_space.io import atomic_write_text
 
-    ev = ReadingEval(oc, strategy, k, seed)
-    recs = [{**ev.sample(i, r["text"]), "source": r.get("source", "")} for i, r in enumerate(tqdm(rows, desc="calibrating", unit="text"))]
-    if records is not None:
-        atomic_write_text(records, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    recs = _reusable(records, rows, strategy, k, layer)
+    if recs is None:
+        ev = ReadingEval(oc, strategy, k, seed, layer=layer)
+        desc = "calibrating" if layer is None else f"calibrating L{layer}"
+        recs = [{**ev.sample(i, r["text"]), "source": r.get("source", "")} for i, r in enumerate(tqdm(rows, desc=desc, unit="text"))]
+        recs = [{**r, "strategy": strategy, "k": k} for r in recs]
+        if records is not None:
+            atomic_write_text(records, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    else:
+        log.info("calibration records in %s match: reused", records)
     return fit_from_records(recs, spec, strategy, k, target_precision, seed, texts_name, feature), recs
+
+
+def _reusable(records: Path | None, rows: list[dict[str, Any]], strategy: str, k: int, layer: int | None) -> list[dict[str, Any]] | None:
+    """The records in ``records`` if they are of exactly ``rows``' texts at ``layer`` with this decoding, else None."""
+    if records is None or not records.is_file():
+        return None
+    try:
+        recs = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = (len(recs) == len(rows) and all(r.get("text") == row["text"] for r, row in zip(recs, rows))
+            and all(r.get("strategy") == strategy and r.get("k") == k for r in recs)
+            and (layer is None or all(r.get("layer") == layer for r in recs)))
+    return recs if same else None
 
 
 def fit_from_records(recs: list[dict[str, Any]], spec: Specificity, strategy: str, k: int, target_precision: float,
@@ -138,13 +172,15 @@ def calibration_rows(texts: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def records_for(path: Path, strategy: str, k: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The per-text records of ``strategy``/``k`` in a ``reading-eval --log-samples`` file, each given the
-    ``source`` (kind) of its text in ``rows``; every row must have its record."""
+def records_for(path: Path, strategy: str, k: int, rows: list[dict[str, Any]], layer: int | None = None) -> list[dict[str, Any]]:
+    """The per-text records of ``strategy``/``k`` (and ``layer``, where records name theirs) in a
+    ``reading-eval --log-samples`` file, each given the ``source`` (kind) of its text in ``rows``; every
+    row must have its record."""
     kinds = {r["text"]: r["source"] for r in rows}
     recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     recs = [{**r, "source": kinds[r["text"]]} for r in recs
-            if r.get("strategy") == strategy and (strategy == "greedy" or r.get("k") == k) and r.get("text") in kinds]
+            if r.get("strategy") == strategy and (strategy == "greedy" or r.get("k") == k) and r.get("text") in kinds
+            and (layer is None or r.get("layer", layer) == layer)]
     if len(recs) != len(rows):
         raise NLAInputError(f"{path}: {len(recs)} records of {strategy} K={k} for {len(rows)} calibration texts")
     return recs
@@ -163,17 +199,24 @@ def confidence_anchors(recs: list[dict[str, Any]], spec: Specificity, seed: int 
             "conf_source": f"mean over the {len(recs)} calibration texts (patch-release)"}
 
 
-def card_dict(card_id: str, aliases: list[str], title: str, description: str, backbone: dict[str, Any], layer: int,
+def card_dict(card_id: str, aliases: list[str], title: str, description: str, backbone: dict[str, Any], layer: int | list[int],
               av_folder: str, calibration: dict[str, Any] | None, default_strategy: str, extra: dict[str, Any],
-              guided_beta: float = 1.0) -> dict[str, Any]:
+              guided_beta: float = 1.0, layer_calibrations: dict[int, dict[str, Any]] | None = None,
+              greedy_repeat_ngram: int = 0) -> dict[str, Any]:
     """The patch card file's JSON, built and checked through :class:`Card` (``extra``: the old card file's kept
     sections, by key, its licence among them: a backbone's terms, e.g. ``gemma``, carry over to a re-release;
-    apache-2.0 otherwise); ``default_tau`` is the calibration's τ, else the card's default."""
+    apache-2.0 otherwise); ``layer``: the card's layer or layers (the first is the default), ``calibration``
+    the default layer's and ``layer_calibrations`` the others'; ``default_tau`` is the calibration's τ, else
+    the card's default."""
     where = f"card {card_id}"
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    per_layer = {str(ell): Calibration.from_dict(c, f"{where}: 'patch.layer_calibrations.{ell}'")
+                 for ell, c in (layer_calibrations or {}).items() if ell != layers[0]}
     patch = PatchSection(pool_file="pool.safetensors", default_strategy=default_strategy, guided_beta=guided_beta,
-                         calibration=Calibration.from_dict(calibration, f"{where}: 'patch.calibration'") if calibration else None)
+                         calibration=Calibration.from_dict(calibration, f"{where}: 'patch.calibration'") if calibration else None,
+                         layer_calibrations=per_layer, greedy_repeat_ngram=greedy_repeat_ngram)
     card = Card.from_dict({"license": "apache-2.0", **extra, "id": card_id, "aliases": aliases, "kind": "patch", "title": title,
-                           "description": description, "backbone": backbone, "layers": [layer], "av": {"folder": av_folder},
+                           "description": description, "backbone": backbone, "layers": layers, "av": {"folder": av_folder},
                            "mu_file": "mu.safetensors", "patch": patch.to_dict()}, where)
     if patch.calibration is not None:
         card.default_tau = patch.calibration.tau

@@ -83,7 +83,7 @@ def _summary(res: Verbalization) -> str:
     ranked_by = "specificity" if res.best.specificity is not None else "score"
     lines.append(f"candidates (by {ranked_by}, as the best is picked):")
 
-    order = sorted(range(len(res.candidates)), key=lambda i: -selection_score(res.candidates[i]))
+    order = sorted(range(len(res.candidates)), key=lambda i: -selection_score(res.candidates[i], res.fluency_weight))
     for i in order[:10]:
         c = res.candidates[i]
         cen = f"{c.score_cen:.3f}" if c.score_cen is not None else "  -  "

@@ -17,6 +17,16 @@ text while it is written and moves the search toward the ones that point back to
   distinct candidates are returned as a :class:`~nla_space.rollout.Rollout`, which the card then
   scores exactly as it scores best-of-K (one verbalize flow for both strategies).
 
+Fluency prior (a card's ``guided_fluency_weight`` w > 0). The search above favours whatever points
+back to ``v``, and on a small AV that is often topic words without grammar. With the prior the
+card adds the AV's greedy reading (with its repetition guard) to the K candidates as an anchor
+(:func:`with_anchor`), and picks the answer by ``z + w · fluency``, where ``fluency`` is each
+candidate's mean token log-probability under the plain backbone without ``v``
+(:mod:`nla_space.policy`, "Fluency prior"). The plain backbone is not the fluency judge of
+``reading-eval`` (another model family), so the prior cannot simply fit the judge. w is chosen on
+validation texts (``docs/training_patch.md``). It costs one greedy rollout and one forward of the
+K + 1 candidates.
+
 The compute is that of best-of-K with the same K (one forward of K rows per token, plus the
 tracker, plus one extra forward for the last token); ``eval_harness reading-eval`` reports both
 strategies' quality and wall time on the same texts.
@@ -222,6 +232,13 @@ def as_rollout(cands: list[tuple[list[int], float]], k: int, pad_id: int) -> Rol
     """The ``k`` best candidates as a right-padded rollout (valid through a final stop token)."""
     ids, mask = pad_rows([row for row, _ in cands[:k]] or [[pad_id]], pad_id)
     return Rollout(ids=ids, mask=mask)
+
+
+def with_anchor(found: Rollout, anchor: Rollout, pad_id: int) -> Rollout:
+    """``found``'s rows plus ``anchor``'s (the greedy reading: the fluency prior's anchor), right-padded to one width."""
+    rows = [[int(t) for t in r.ids[i, : int(r.mask[i].sum())]] for r in (found, anchor) for i in range(r.ids.shape[0])]
+    ids, mask = pad_rows(rows, pad_id)
+    return Rollout(ids=ids.to(found.ids.device), mask=mask.to(found.ids.device))
 
 
 def fve_potential(target: torch.Tensor, mu: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -16,7 +16,24 @@ Schema (keys are only ever added, never renamed)::
                    "spearman_logp_oracle", "nn_anchor_rerank_minus_greedy", "raw_floor",
                    "centered_floor", "centering_changes_verdict", "greedy_minus_nn_retrieval"}],
      "anchors": {card: {"floor", "ceiling", "ceiling_name", "source"}},
-     "other_published": [{"card", "table", "key", "value", "note", "source"}]}
+     "other_published": [{"card", "table", "key", "value", "note", "source"}],
+     "layer_curves": [{"card", "origin", "metric", "run", "strategy", "k", "layer", "block", "depth_pct",
+                       "n_blocks", "label", "value", "n", *LAYER_METRICS, "meta", "note", "source"}]}
+
+``layer_curves`` (:data:`LAYER_POINT_KEYS`; every key in every point, None where it does not apply) are
+points of a quantity against depth, one per (card, origin, run, layer):
+
+* ``origin: "reproduced"``: one run of ``reading-eval --layers`` (results key ``<run>_L<ℓ>``; ``metric``
+  is the results table, ``reading_eval``; ``run`` the key without the layer, e.g. ``greedy``,
+  ``guided_k16``), with its reading metrics (:data:`LAYER_METRICS`) and ``meta``, the run's meta summary;
+  ``value`` is None.
+* ``origin: "published"``: a number of a card's published table under a key ``L<block>``
+  (:func:`published_layer_points`); ``metric`` is the table's name (e.g. ``roundtrip``), ``value`` the
+  number, ``note`` and ``source`` its citation, and ``label`` says it is not the reading-eval retrieval.
+
+``layer`` is always a ``hidden_states`` index (:mod:`nla_space.activations`); ``block`` is the block index a
+published key states (None for reproduced points); ``depth_pct = round(100 · layer / n_blocks)`` (Python
+rounding) with ``n_blocks`` the backbone's block count (:func:`card_blocks`), None when unknown.
 
 A card's ``published`` section holds tables keyed like the SRT eval scripts' JSONs
 (``centered_eval``, ``rerank_eval``, ``oracle_ceiling``: :func:`published_source`), K-curves, and other
@@ -30,11 +47,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection
 
 from .cards import ASSETS_DIR, Card, builtin_cards
+from .cards.sections import DEFAULT_BLOCK_OFFSET
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +76,26 @@ FINDINGS_NOTE = (
 
 #: published keys that are not tables of numbers to list (provenance, K-curves, training settings)
 CARD_META_KEYS = frozenset({"source", "note", "bestof_cen", "bestof_raw", "kcurve_oracle_top1_cen", "training"})
+
+
+#: Block counts of the embedded backbones, whose cards state no ``backbone.shape``: ``num_hidden_layers``
+#: of the ``config.json`` of each one's hub equivalent (HuggingFaceTB/SmolLM2-135M-Instruct: 30,
+#: google/gemma-3-270m: 18; the cards' descriptions state the same).
+EMBEDDED_BLOCKS: dict[str, int] = {"embedded:smollm2-135m-instruct": 30, "embedded:gemma3-270m": 18}
+#: The reading metrics of a reproduced per-layer point (``reading-eval``'s per-run numbers; the last one
+#: only with ``--group-by``).
+LAYER_METRICS = ("retrieval_top1", "retrieval_top1_in40", "minilm_top1", "confident", "confident_right", "confident_wrong",
+                 "precision_confident", "seconds_per_text", "judge_ppl_mean", "retrieval_in40_same_group")
+#: How tables name the per-layer reading metrics (key, column label), in the order they are shown.
+LAYER_COLUMNS = (("retrieval_top1_in40", "1-in-40 retrieval"), ("minilm_top1", "MiniLM"), ("confident_right", "confident-right"),
+                 ("confident_wrong", "confident-wrong"), ("precision_confident", "precision of confident"),
+                 ("seconds_per_text", "s/text"), ("judge_ppl_mean", "judge ppl"), ("retrieval_in40_same_group", "same-group 1-in-40"))
+#: The keys of every ``layer_curves`` point (module docstring).
+LAYER_POINT_KEYS = ("card", "origin", "metric", "run", "strategy", "k", "layer", "block", "depth_pct", "n_blocks", "label",
+                    "value", "n", *LAYER_METRICS, "meta", "note", "source")
+#: What a published per-layer table measures (table name → words); a table not listed is named by its key.
+LAYER_TABLE_LABELS = {"roundtrip": "round-trip cosine"}
+_BLOCK_KEY = re.compile(r"L(\d+)")
 
 
 def finite(x: Any) -> float | None:
@@ -132,12 +171,80 @@ def other_published(card: Card, skip: Collection[str]) -> list[dict[str, Any]]:
     return out
 
 
+def card_blocks(card: Card | None) -> int | None:
+    """The number of blocks of the card's backbone without loading it: ``backbone.shape.num_hidden_layers``,
+    else :data:`EMBEDDED_BLOCKS`; None when neither knows."""
+    if card is None:
+        return None
+    n = (card.backbone.shape or {}).get("num_hidden_layers")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        return n
+    return EMBEDDED_BLOCKS.get(card.backbone_id)
+
+
+def block_offset(card: Card) -> int:
+    """``hidden_states[ℓ]`` is the output of block ``ℓ − offset``: the card's ``injection.block_offset``, else 1."""
+    return card.injection.block_offset if card.injection is not None else DEFAULT_BLOCK_OFFSET
+
+
+def depth_pct(layer: int | None, n_blocks: int | None) -> int | None:
+    """``round(100 · layer / n_blocks)`` for a ``hidden_states`` index (Python rounding); None when either is unknown."""
+    if layer is None or not n_blocks:
+        return None
+    return int(round(100.0 * layer / n_blocks))
+
+
+def layer_point(**values: Any) -> dict[str, Any]:
+    """One ``layer_curves`` point: every key of :data:`LAYER_POINT_KEYS`, None where not given."""
+    unknown = set(values) - set(LAYER_POINT_KEYS)
+    if unknown:
+        raise ValueError(f"not layer-curve keys: {sorted(unknown)}")
+    return {k: values.get(k) for k in LAYER_POINT_KEYS}
+
+
+def card_short_name(card: Card) -> str:
+    """The card's first alias (else its id) and its backbone: how plots and labels name it."""
+    return f"{card.aliases[0] if card.aliases else card.id} ({card.backbone_id})"
+
+
+def published_layer_points(card: Card) -> list[dict[str, Any]]:
+    """Published per-layer numbers: every numeric entry keyed ``L<block>`` of a top-level table of the
+    card's ``published`` section (e.g. Phi-4's ``roundtrip: {"L4": 0.42, "L19": 0.69}``).
+
+    Convention: ``L<b>`` in a card's published table is a *block* index, as the sources write it, so the
+    point's ``layer`` (``hidden_states`` index) is ``b + block_offset`` (:func:`block_offset`; Phi-4:
+    ``L19`` is ``hidden_states[20]``) and ``depth_pct`` follows from it (:func:`depth_pct`). Each point
+    carries the table's ``note`` and the card's source, and a label saying the number is that table's
+    metric, not the reading-eval retrieval.
+    """
+    pub = card.published or {}
+    source = str(pub.get("source") or card.source_file or card.id)
+    n_blocks, offset = card_blocks(card), block_offset(card)
+    out: list[dict[str, Any]] = []
+    for table, node in pub.items():
+        if table in CARD_META_KEYS or not isinstance(node, dict):
+            continue
+        what = LAYER_TABLE_LABELS.get(table, table.replace("_", " "))
+        for key, value in node.items():
+            m = _BLOCK_KEY.fullmatch(str(key))
+            if m is None or finite(value) is None:
+                continue
+            block = int(m.group(1))
+            out.append(layer_point(card=card.id, origin="published", metric=table, layer=block + offset, block=block,
+                                   depth_pct=depth_pct(block + offset, n_blocks), n_blocks=n_blocks, value=float(value),
+                                   label=f"{card_short_name(card)}, published {what} (not retrieval)",
+                                   note=str(node["note"]) if node.get("note") is not None else None,
+                                   source=f"{source} [{table}]"))
+    return sorted(out, key=lambda p: (p["metric"], p["layer"]))
+
+
 def published_board(cards: list[Card] | None = None) -> dict[str, Any]:
     """The published numbers of ``cards`` (default: the built-in ones) in the leaderboard schema, one
     plain row per number of :func:`published_source` (label = key; no ρ, no findings)."""
     rows: list[dict[str, Any]] = []
     kcurves: list[dict[str, Any]] = []
     others: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
     for card in builtin_cards() if cards is None else cards:
         src = published_source(card)
         for table, values in src.tables.items():
@@ -149,11 +256,15 @@ def published_board(cards: list[Card] | None = None) -> dict[str, Any]:
                                  "rho_published": None, "rho_reproduced": None})
         kcurves += [{"card": card.id, "origin": "published", "K": k, "score_cen": s} for k, s in src.kcurve.items()]
         others += other_published(card, CARD_META_KEYS | set(src.tables))
-    return {"generated": None, "rows": rows, "kcurves": kcurves, "findings": [], "anchors": {}, "other_published": others}
+        layers += published_layer_points(card)
+    return {"generated": None, "rows": rows, "kcurves": kcurves, "findings": [], "anchors": {}, "other_published": others,
+            "layer_curves": layers}
 
 
 def load_leaderboard(path: Path | None = None) -> dict[str, Any]:
-    """The leaderboard file (default ``nla_space/assets/leaderboard.json``), else :func:`published_board`."""
+    """The leaderboard file (default ``nla_space/assets/leaderboard.json``), else :func:`published_board`.
+
+    A file written before ``layer_curves`` existed gets the built-in cards' published per-layer points."""
     path = Path(path) if path is not None else DEFAULT_PATH
     if path.is_file():
         try:
@@ -161,6 +272,8 @@ def load_leaderboard(path: Path | None = None) -> dict[str, Any]:
             if isinstance(data, dict) and isinstance(data.get("rows"), list):
                 data.setdefault("kcurves", [])
                 data.setdefault("findings", [])
+                if "layer_curves" not in data:
+                    data["layer_curves"] = [p for c in builtin_cards() for p in published_layer_points(c)]
                 return data
             log.warning("%s: not a leaderboard (no 'rows'); using the published numbers", path)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -7,6 +7,12 @@ its specificity ``z`` and calibrated confidence; ``best`` is then the argmax of 
 is hedged when its confidence is under τ. Otherwise ``best`` is the argmax of the centered score (raw
 when no μ) and the answer is hedged when that score is under τ. The scorer is a parameter so that
 reconstructor-scored cards use the same policy.
+
+Fluency prior (guided decoding on a card that sets one, :mod:`nla_space.guided`): each candidate also
+gets ``fluency``, the mean log-probability per token of its text under the plain backbone (no ``v``:
+how likely the sentence is as a sentence), and the selection score becomes
+``z + fluency_weight · fluency``; the weight is the card's, chosen on validation texts. The hedge still
+reads the chosen answer's own confidence, so a more fluent but less specific answer is hedged as such.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class Candidate:
     #: contrastive specificity z and its calibrated confidence (cards with a pool; :mod:`nla_space.specificity`)
     specificity: float | None = None
     confidence: float | None = None
+    #: mean log-probability per token under the plain backbone (module docstring, "Fluency prior"); None when not computed
+    fluency: float | None = None
 
 
 @dataclass
@@ -95,6 +103,8 @@ class Verbalization:
     position: int | None = None
     #: the text piece of the token read (None for a raw vector)
     read_token: str | None = None
+    #: the weight of the fluency prior in the selection score (0: none; module docstring)
+    fluency_weight: float = 0.0
 
     @property
     def best(self) -> Candidate:
@@ -144,6 +154,7 @@ class Verbalization:
             "compass": self.compass,
             "position": self.position,
             "read_token": self.read_token,
+            "fluency_weight": self.fluency_weight,
         }
 
 
@@ -158,16 +169,21 @@ def score_vectors(h: torch.Tensor, v: torch.Tensor, mu: torch.Tensor | None) -> 
     return raw, cen
 
 
-def selection_score(c: Candidate) -> float:
+def selection_score(c: Candidate, fluency_weight: float = 0.0) -> float:
     """What a candidate is ranked by, as :func:`select_best` ranks them: its specificity when it has
-    one, else its centered score, else its raw score."""
-    return c.specificity if c.specificity is not None else c.score_cen if c.score_cen is not None else c.score_raw
+    one, else its centered score, else its raw score; plus ``fluency_weight`` × its fluency when it has one."""
+    base = c.specificity if c.specificity is not None else c.score_cen if c.score_cen is not None else c.score_raw
+    return base + (fluency_weight * c.fluency if c.fluency is not None and fluency_weight else 0.0)
 
 
-def select_best(raw: torch.Tensor, cen: torch.Tensor | None, spec: torch.Tensor | None = None) -> int:
-    """argmax of the specificity when there is one, else of the centered score, else of the raw score
-    (per candidate: :func:`selection_score`)."""
-    return int((spec if spec is not None else cen if cen is not None else raw).argmax())
+def select_best(raw: torch.Tensor, cen: torch.Tensor | None, spec: torch.Tensor | None = None,
+                fluency: torch.Tensor | None = None, fluency_weight: float = 0.0) -> int:
+    """argmax of the specificity when there is one, else of the centered score, else of the raw score,
+    plus ``fluency_weight`` × ``fluency`` when given (per candidate: :func:`selection_score`)."""
+    base = (spec if spec is not None else cen if cen is not None else raw).float()
+    if fluency is not None and fluency_weight:
+        base = base + fluency_weight * fluency.to(base.device).float()
+    return int(base.argmax())
 
 
 def best_of_k(
@@ -177,8 +193,11 @@ def best_of_k(
     v: torch.Tensor,
     mu: torch.Tensor | None,
     specificity: Specificity | None = None,
+    fluency: torch.Tensor | None = None,
+    fluency_weight: float = 0.0,
 ) -> tuple[list[Candidate], int]:
-    """Build scored candidates from a rollout and its re-encoded vectors; return them and the best index."""
+    """Build scored candidates from a rollout and its re-encoded vectors (and, with the fluency prior, each
+    row's ``fluency``); return them and the best index."""
     raw, cen = score_vectors(h, v, mu)
     z = specificity.z(h, v) if specificity is not None else None
     conf = specificity.confidence(h, v) if specificity is not None else None
@@ -189,8 +208,9 @@ def best_of_k(
         s_cen = float(cen[i]) if cen is not None else None
         cands.append(Candidate(text=decode(ids), token_ids=ids, score_raw=float(raw[i]), score_cen=s_cen,
                                specificity=float(z[i]) if z is not None else None,
-                               confidence=float(conf[i]) if conf is not None else None))
-    return cands, select_best(raw, cen, z)
+                               confidence=float(conf[i]) if conf is not None else None,
+                               fluency=float(fluency[i]) if fluency is not None else None))
+    return cands, select_best(raw, cen, z, fluency, fluency_weight)
 
 
 class Timer:
@@ -235,6 +255,7 @@ def run(
     confidence_meaning: str | None = None,
     position: int | None = None,
     read_token: str | None = None,
+    fluency_weight: float = 0.0,
 ) -> Verbalization:
     """The one verbalize flow every card kind walks: read v, sample, score, pick, time it.
 
@@ -281,6 +302,7 @@ def run(
         confidence_meaning=confidence_meaning,
         position=position,
         read_token=read_token,
+        fluency_weight=float(fluency_weight),
     )
 
 

@@ -20,6 +20,7 @@ positions after it hold ``pad_id`` and are masked. A row without a stop token is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -36,6 +37,17 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(dim=1)
+
+    def text_rows(self, stop_ids: Sequence[int]) -> list[list[int]]:
+        """Each row's valid tokens with its trailing stop tokens dropped: the candidate as a typed text."""
+        stops = set(int(s) for s in stop_ids)
+        rows = []
+        for i in range(self.ids.shape[0]):
+            row = [int(t) for t in self.ids[i, : int(self.mask[i].sum())]]
+            while row and row[-1] in stops:
+                row.pop()
+            rows.append(row)
+        return rows
 
 
 def request_generator(seed: int | None, device: torch.device | str) -> torch.Generator:

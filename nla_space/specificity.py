@@ -153,13 +153,21 @@ class Specificity:
         return self.calibration.confidence_of(self.feature(self.calibration.feature, h, v))
 
 
-def load_pool(path: Path) -> torch.Tensor:
+def pool_key(layer: int) -> str:
+    """The tensor name of layer ``layer``'s pool in a several-layer pool file (``pool.L13``)."""
+    return f"{POOL_KEY}.L{layer}"
+
+
+def load_pool(path: Path, layer: int | None = None) -> torch.Tensor:
+    """The pool of ``layer`` from a pool file: its tensor :func:`pool_key` (a card reading several
+    layers keeps one per layer), else the single tensor ``pool``."""
     from .hub import load_state_dict
 
     tensors = load_state_dict(path)
-    if POOL_KEY not in tensors:
-        raise CheckpointError(f"{path}: no '{POOL_KEY}' tensor")
-    return tensors[POOL_KEY].float()
+    for key in ([pool_key(layer)] if layer is not None else []) + [POOL_KEY]:
+        if key in tensors:
+            return tensors[key].float()
+    raise CheckpointError(f"{path}: no '{pool_key(layer) if layer is not None else POOL_KEY}' or '{POOL_KEY}' tensor")
 
 
 # ---------------------------------------------------------------------------------- calibration

@@ -80,10 +80,17 @@ def test_check_request_refuses_bad_input() -> None:
     from nla_space.ui import engine
 
     ok = engine.check_request(TEXT, card="embedded", k=4.0, seed=3.0, strategy="best-of-k")
-    assert ok.k == 4 and ok.seed == 3 and ok.card == "nla-space/gemma3-270m-L13-patch"
+    assert ok.k == 4 and ok.seed == 3 and ok.card == "nla-space/gemma3-270m-patch"
     # K: 16 for a sampling strategy when not given, 1 for greedy (the default card's default), and an explicit
     # K > 1 with greedy is refused by name, except from the app's K slider (which says it serves best-of-K and guided)
     assert engine.check_request(TEXT, strategy="guided").k == 16 and engine.check_request(TEXT).k == 1
+    # the tab's τ slider at the card's default τ means each layer's own calibrated τ; another value is kept
+    from nla_space.cards import find_card
+
+    default_tau = find_card("embedded").default_tau
+    assert engine.check_request(TEXT, tau=default_tau, k_is_slider=True).tau is None
+    assert engine.check_request(TEXT, tau=default_tau).tau == default_tau
+    assert engine.check_request(TEXT, tau=0.42, k_is_slider=True).tau == 0.42
     assert engine.check_request(TEXT, k=8, k_is_slider=True).k == 1
     assert engine.check_request(TEXT, k=8, k_is_slider=True, strategy="guided").k == 8
     for bad in (dict(k=4), dict(k=4, strategy="greedy"), dict(k=4, greedy=True)):
@@ -92,7 +99,7 @@ def test_check_request_refuses_bad_input() -> None:
         assert e.value.field == "k"
     for bad in (dict(text=""), dict(text="   "), dict(text="x" * (engine.MAX_TEXT_CHARS + 1)), dict(text=TEXT, k=0),
                 dict(text=TEXT, k=engine.APP_MAX_K + 1), dict(text=TEXT, k=2.5), dict(text=TEXT, card="no-such-card"),
-                dict(text=TEXT, tau=1.5), dict(text=TEXT, temperature=float("nan")), dict(text=TEXT, layer=3)):
+                dict(text=TEXT, tau=1.5), dict(text=TEXT, temperature=float("nan")), dict(text=TEXT, layer=4)):
         with pytest.raises(NLAInputError):
             engine.check_request(**bad)
 
@@ -158,6 +165,113 @@ def test_about_tab_states_the_default_card_from_its_file() -> None:
     md = about_tab.default_card_markdown(card)
     assert card.description in md and f"| licence | {card.license} |" in md
     assert f"| default decoding | {card.patch.default_strategy}" in md and card.patch.calibration.meaning() in md
+
+
+# ------------------------------------------------------------------------------------------------
+# The token × layer grid, on tiny random cards (no server)
+
+GRID_TEXT = "the cat is on the old tree"
+
+
+@pytest.fixture(scope="module")
+def multi_card(tmp_path_factory) -> dict[str, Any]:
+    """A tiny Phi-3 injection card listing layers [3, 2] (default 3) that reads the raw text (so it takes
+    positions), saved as a card JSON whose id is its path (the app resolves it like a built-in card)."""
+    from test_injection import Setup, _write_sidecar
+
+    from nla_space.runtime import open_card
+
+    root = tmp_path_factory.mktemp("grid")
+    s = Setup(root, "phi3")
+    _write_sidecar(s.av, s.sidecar())
+    data = s.card(input={"chat_template": False, "add_special_tokens": True}).to_dict()
+    path = root / "card.json"
+    data["id"] = str(path)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return {"path": str(path), "opened": open_card(str(path), device="cpu")}
+
+
+@pytest.fixture()
+def fresh_engine(monkeypatch: pytest.MonkeyPatch):
+    from nla_space.ui import engine
+
+    monkeypatch.setattr(engine, "_OPEN", {})
+    monkeypatch.setattr(engine, "_FAILED", {})
+    monkeypatch.setattr(engine, "APP_MAX_NEW_TOKENS", 6)
+    return engine
+
+
+def test_token_layer_grid_is_the_heat_map_at_every_card_layer(multi_card, tmp_path: Path) -> None:
+    import tiny
+
+    from nla_space.cards import card_from_folder
+    from nla_space.runtime import open_card
+    from nla_space.ui import engine, heat, views
+
+    oc = multi_card["opened"]
+    pieces, _ = oc.token_states(GRID_TEXT, 2)
+    for position in (None, 1):
+        grid = heat.token_layer_grid(oc, GRID_TEXT, position=position)
+        assert grid["layers"] == sorted(oc.layers) == [2, 3] and grid["default_layer"] == 3 == oc.card.default_layer
+        assert grid["tokens"] == pieces and grid["position"] == position
+        assert len(grid["values"]) == 2 and all(len(row) == len(pieces) for row in grid["values"])
+        for layer, row in zip(grid["layers"], grid["values"]):  # row ℓ is the heat map at ℓ
+            assert row == [h for _, h in engine.token_heat(oc, GRID_TEXT, layer, position)]
+            assert row[-1 if position is None else position] == pytest.approx(1.0, abs=1e-3)  # v itself
+        assert json.loads(json.dumps(grid)) == grid  # plain data (it comes back from the GPU worker)
+    assert heat.token_layer_grid(oc, GRID_TEXT, [3])["layers"] == [3]
+    with pytest.raises(NLAInputError, match="supports layer"):
+        heat.token_layer_grid(oc, GRID_TEXT, [2, 7])
+    # a single-layer card: one row
+    folder = tiny.make_card_folder(tmp_path / "card", tiny.save_backbone(tmp_path / "bb"), layer=2)
+    one = heat.token_layer_grid(open_card(card_from_folder(folder)), GRID_TEXT)
+    assert one["layers"] == [2] and len(one["values"]) == 1 and len(one["values"][0]) == len(GRID_TEXT.split())
+    # more than MAX_GRID_LAYERS layers: an evenly spaced subset, the default layer kept
+    picks = heat.grid_layers(range(40), 13)
+    assert len(picks) == heat.MAX_GRID_LAYERS and picks == sorted(picks) and {0, 13, 39} <= set(picks)
+    assert heat.grid_layers([25, 8, 15, 8], 15) == [8, 15, 25]
+
+    # the view: one row per layer (label first, the default starred), one shaded column per token
+    grid = heat.token_layer_grid(oc, GRID_TEXT)
+    styled = views.grid_frame(grid)
+    df = styled.data
+    assert list(df.columns) == views.grid_headers(pieces) and len(df.columns) == len(pieces) + 1
+    assert df["layer"].tolist() == ["L2", "L3 ★"] and df.iloc[1, -1] == grid["values"][1][-1]
+    assert "background-color: rgb(239, 68, 60)" in views.heat_css(1.0) and "rgb(128, 90, 213)" in views.heat_css(-1.0)
+    assert views.heat_css(0.0).startswith("background-color: rgb(255, 255, 255)")
+    assert list(views.grid_frame(None).columns) == ["layer"]
+
+
+def test_grid_click_verbalizes_that_token_at_that_layer(multi_card, fresh_engine) -> None:
+    import gradio as gr
+
+    from nla_space.ui import handlers
+
+    params = dict(text=GRID_TEXT, card=multi_card["path"], k=2, seed=0, strategy="best-of-k")
+    first = handlers.run_checked(**params)
+    grid, n = first.grid, len(first.grid["tokens"])
+    assert first.result["layer"] == 3 and grid["layers"] == [2, 3]
+    assert first.heat == list(zip(grid["tokens"], grid["values"][1]))  # the heat map is the grid's row at the layer read
+    rendered = handlers.render(*first)
+    assert len(rendered) == 12 and rendered[-1] is grid and rendered[-2].data.shape == (2, n + 1)
+
+    # cell (row 0, column 2) = layer 2, token 1: the same request as layer=2, position=1
+    cell = handlers.grid_checked(grid, [0, 2], **params)
+    direct = handlers.run_checked(layer=2, position=1, **params)
+    assert cell.result["layer"] == 2 and cell.result["position"] == 1
+    assert {k: v for k, v in cell.result.items() if k != "timings"} == {k: v for k, v in direct.result.items() if k != "timings"}
+    assert cell.grid["position"] == 1 and cell.heat == list(zip(cell.grid["tokens"], cell.grid["values"][0]))
+    assert "at layer 2" in handlers.render(*cell)[2]
+    # the label column: the card's read position at that row's layer
+    label = handlers.grid_checked(grid, (1, 0), **params)
+    assert label.result["layer"] == 3 and label.result["position"] == n - 1
+    # clicks outside the grid, no grid yet, and a grid drawn for a longer text: clear messages
+    for bad_grid, index, match in ((grid, [0, n + 1], "column .* outside the grid"), (grid, [2, 1], "row 2 is outside"),
+                                   (grid, None, "not a cell"), (None, [0, 1], "press Verbalize first")):
+        with pytest.raises(gr.Error, match=match):
+            handlers.grid_checked(bad_grid, index, **params)
+    with pytest.raises(gr.Error, match="out of range"):
+        handlers.grid_checked(grid, [0, n], **{**params, "text": "the cat"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,9 +395,10 @@ def test_a_burst_is_served_in_turn_and_one_failure_does_not_spill(client) -> Non
 @pytest.mark.e2e
 def test_ui_event_renders_every_output(client) -> None:
     out = client.predict(TEXT, "nla-space/smollm2-135m-L21", 21, 3, 0.6, 1.0, 1, False, "default", api_name="/verbalize_ui")
-    badge, best, notes, compass, heat, table, plot, timings, download, raw = out
+    badge, best, notes, compass, heat, table, plot, timings, download, raw, grid = out  # the grid's gr.State is not sent
     assert ("CONFIDENT" in badge) != ("HEDGED" in badge)
     assert best and isinstance(heat, dict | list)
+    assert [row[0] for row in grid["data"]] == ["L21 ★"] and len(grid["headers"]) == len(grid["data"][0]) > 1
     assert len(table["data"]) == 3 and plot
     # the embedded card ships a compass: its rerank is shown beside the oracle pick, and marked in the table
     assert "Oracle rerank vs compass rerank" in compass and raw["compass"]["best_index"] in range(3)
@@ -296,7 +411,7 @@ def test_ui_event_renders_every_output(client) -> None:
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match="supports layer"):
-        client.predict(TEXT, "nla-space/gemma3-270m-L13-patch", 21, 3, 0.6, 1.0, 1, False, "default", api_name="/verbalize_ui")
+        client.predict(TEXT, "nla-space/gemma3-270m-patch", 21, 3, 0.6, 1.0, 1, False, "default", api_name="/verbalize_ui")
 
 
 @pytest.mark.e2e

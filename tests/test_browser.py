@@ -1,8 +1,9 @@
 """Drive the real app in headless Debian Chromium (``-m browser``): type a text, run it at the default
 card's settings (greedy), see the best verbalization and the hedge badge; switch to guided decoding
-with K=4 and click a token of the heat map to get that position's verbalization; open the
-leaderboard and find the three SRT cards; open presentation mode. Screenshots go to test-artifacts/
-for people to look at; ``NLA_SCREENSHOT=docs/screenshot.png`` also writes the README's screenshot there."""
+with K=4 and click a token of the heat map to get that position's verbalization, then a cell of the
+token × layer grid to get that token's at that layer; open the leaderboard and find the three SRT
+cards; open presentation mode. Screenshots go to test-artifacts/ for people to look at;
+``NLA_SCREENSHOT=docs/screenshot.png`` also writes the README's screenshot there."""
 
 from __future__ import annotations
 
@@ -104,6 +105,22 @@ def test_verbalize_leaderboard_and_present_mode(app_url: str, page, artifacts_di
     expect(page.locator("#best textarea")).not_to_have_value("", timeout=10_000)
     page.wait_for_timeout(800)
     page.screenshot(path=str(artifacts_dir / "app-verbalize-token.png"), full_page=True)
+
+    # The token × layer grid: one row per card layer (the default card has one, L13 ★), one shaded cell per
+    # token; a click on the last row's second token cell (column 2 = token 1) verbalizes that state there.
+    grid = page.locator("#grid")
+    expect(grid).to_contain_text("L13 ★")
+    labels = grid.locator('[role=gridcell][data-col="0"]')
+    rows = labels.count()
+    assert rows >= 1
+    cell = grid.locator(f'[data-testid="cell-{rows - 1}-2"]')
+    assert "background" in (cell.get_attribute("style") or ""), cell.get_attribute("style")
+    cell.click()
+    expect(notes).to_contain_text("Read at token 1", timeout=120_000)
+    expect(notes).to_contain_text("at layer 13")
+    expect(page.locator("#layer input")).to_have_value("13")
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(artifacts_dir / "app-verbalize-grid.png"), full_page=True)
 
     page.get_by_role("tab", name="Leaderboard").click()
     findings = page.locator("#lb-findings")

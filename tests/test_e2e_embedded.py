@@ -85,12 +85,12 @@ def test_cli_verbalize_smollm2_json(smollm2):
 def test_cli_embedded_bad_layer_exits_2():
     proc = _run(["verbalize", "--text", TEXT, "--layer", "30"])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: card nla-space/gemma3-270m-L13-patch supports layer(s) [13], not 30"]
+    assert proc.stderr.strip().splitlines() == ["error: card nla-space/gemma3-270m-patch supports layer(s) [13, 3, 5, 7, 9, 11, 15], not 30"]
 
 
 @pytest.mark.e2e
 def test_cli_verbalize_default_card_gemma3_greedy():
-    """The default card (``embedded``, alias ``gemma3-270m``: a patch AV on Gemma-3-270M from PyPI, layer 13;
+    """The default card (``embedded``, alias ``gemma3-270m``: a patch AV on Gemma-3-270M from PyPI, default layer 13 of seven;
     the first call converts the GGUF into the cache, ~1 min) decodes greedily with a calibrated
     confidence: one candidate; ``--strategy guided`` gives K, and a ``--k`` that greedy would drop is refused."""
     refused = _run(["verbalize", "--text", TEXT, "--k", "3", "--json"])
@@ -98,7 +98,7 @@ def test_cli_verbalize_default_card_gemma3_greedy():
     proc = _run(["verbalize", "--text", TEXT, "--json", "--seed", "1", "--max-new-tokens", "6"])
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert d["card"] == "nla-space/gemma3-270m-L13-patch" and d["layer"] == 13 and d["trained"] is True
+    assert d["card"] == "nla-space/gemma3-270m-patch" and d["layer"] == 13 and d["trained"] is True
     assert d["strategy"] == "greedy" and d["greedy"] is True and len(d["candidates"]) == 1
     assert d["criterion"] == "confidence" and 0.0 <= d["score"] <= 1.0 and "among 40" in d["confidence_meaning"]
     assert d["hedged"] == (d["score"] < d["tau"]) and 1 <= len(d["best"]["token_ids"]) <= 6

@@ -181,3 +181,156 @@ def test_shipped_results_fill_the_findings_of_both_embedded_prefix_cards():
     have = {k for f in published for k in fields if f[k] is not None}
     for card in ("nla-space/smollm2-135m-L21", "nla-space/gemma3-270m-L13"):
         assert {k for k in fields if rows[(card, "reproduced")][k] is not None} >= have, card
+
+
+# ------------------------------------------------------------------------------------------------
+# Per layer: reading-eval --layers runs and the cards' published per-layer numbers
+
+GEMMA = "nla-space/gemma3-270m-L13-patch"  # 18 blocks (no backbone.shape: the embedded table), default layer 13
+PHI4 = "anicka/nla-phi4-universal-av-v2"
+
+
+def _reading(card: str, runs: dict, finished: str = "2027-01-01T00:00:00+00:00", path: str = "per_layer.json") -> dict:
+    """A reading-eval results file with the given runs (results key → retrieval_top1_in40 and a few more)."""
+    out = {}
+    for name, (in40, minilm) in runs.items():
+        strategy = name.split("_")[0]
+        out[name] = {"strategy": strategy, "k": 1 if strategy == "greedy" else 16, "n": 40, "retrieval_top1": in40,
+                     "retrieval_top1_in40": in40, "minilm_top1": minilm, "confident": 0.5, "confident_right": in40 / 2,
+                     "confident_wrong": 0.05, "precision_confident": 0.9, "seconds_per_text": 2.5, "judge_ppl_mean": 11.0,
+                     "examples": [{"text": "t", "verbalization": "v"}]}
+        if "_L" in name:
+            out[name]["layer"] = int(name.rsplit("_L", 1)[1])
+    meta = {"command": "reading-eval", "card": card, "M": 40, "K": [1, 16], "seed": 0, "finished": finished, "path": path,
+            "source": "nla_space/assets/corpora/heldout_40_v2.jsonl", "args": {"texts": "heldout_40_v2.jsonl"}}
+    if any("_L" in k for k in runs):
+        meta["layers"] = sorted({out[k]["layer"] for k in runs if "_L" in k})
+    return {"results": out, "meta": meta}
+
+
+def _points(lb, origin="reproduced", card=GEMMA):
+    return [p for p in lb["layer_curves"] if p["origin"] == origin and p["card"] == card]
+
+
+def test_per_layer_runs_become_layer_curves_and_the_default_layer_fills_the_rows():
+    res = _reading(GEMMA, {"greedy_L3": (0.1, 0.2), "greedy_L13": (0.8, 0.7), "guided_k16_L3": (0.3, 0.25),
+                           "guided_k16_L13": (0.95, 0.8)})
+    lb = build_leaderboard([res])
+    pts = _points(lb)
+    assert [(p["run"], p["layer"], p["depth_pct"]) for p in pts] == [
+        ("greedy", 3, 17), ("greedy", 13, 72), ("guided_k16", 3, 17), ("guided_k16", 13, 72)]  # round(100·ℓ/18)
+    g13 = pts[1]
+    assert g13["retrieval_top1_in40"] == 0.8 and g13["minilm_top1"] == 0.7 and g13["confident_right"] == 0.4
+    assert g13["judge_ppl_mean"] == 11.0 and g13["retrieval_in40_same_group"] is None and g13["n"] == 40
+    assert g13["n_blocks"] == 18 and g13["strategy"] == "greedy" and g13["k"] == 1 and g13["metric"] == "reading_eval"
+    assert g13["meta"]["path"] == "per_layer.json" and g13["meta"]["layers"] == [3, 13] and g13["value"] is None
+    assert "examples" not in g13
+    # the rows read the default layer's runs under their plain names, once each
+    assert _row(lb, GEMMA, "greedy_retrieval_top1")["reproduced"] == 0.8
+    assert _row(lb, GEMMA, "guided_k16_minilm_top1")["reproduced"] == 0.8
+    assert not [r for r in lb["rows"] if "_L" in r["metric"]]
+    assert len([r for r in lb["rows"] if r["card"] == GEMMA and r["metric"] == "greedy_retrieval_top1"]) == 1
+
+
+def test_per_layer_file_without_the_default_layer_leaves_the_rows_to_older_files():
+    old = _reading(GEMMA, {"greedy": (0.6, 0.5)}, finished="2026-01-01T00:00:00+00:00", path="old.json")
+    new = _reading(GEMMA, {"greedy_L3": (0.1, 0.2), "greedy_L7": (0.3, 0.3)})
+    lb = build_leaderboard([new, old])
+    row = _row(lb, GEMMA, "greedy_retrieval_top1")
+    assert row["reproduced"] == 0.6 and row["reproduced_meta"]["path"] == "old.json"
+    assert [(p["layer"], p["retrieval_top1_in40"]) for p in _points(lb)] == [(3, 0.1), (7, 0.3)]
+    # a later file giving the same point wins
+    newer = _reading(GEMMA, {"greedy_L3": (0.2, 0.2)}, finished="2027-02-01T00:00:00+00:00", path="newer.json")
+    pts = _points(build_leaderboard([newer, new]))
+    assert [(p["layer"], p["retrieval_top1_in40"], p["meta"]["path"]) for p in pts] == [(3, 0.2, "newer.json"), (7, 0.3, "per_layer.json")]
+
+
+def test_old_style_results_give_no_reproduced_layer_points():
+    from eval_harness.results import load_results
+    from nla_space.cards import ASSETS_DIR
+
+    lb = build_leaderboard([_reading(GEMMA, {"greedy": (0.6, 0.5), "guided_k16": (0.9, 0.8)})])
+    assert _row(lb, GEMMA, "greedy_retrieval_top1")["reproduced"] == 0.6
+    assert not [p for p in lb["layer_curves"] if p["origin"] == "reproduced"]
+    shipped = build_leaderboard(list(load_results([ASSETS_DIR / "results"])))
+    assert not [p for p in shipped["layer_curves"] if p["origin"] == "reproduced"]
+    # a card outside the built-in set: points without a depth
+    unknown = build_leaderboard([_reading("someone/else", {"greedy_L4": (0.5, 0.5)})], cards=[])
+    assert [(p["card"], p["layer"], p["depth_pct"]) for p in unknown["layer_curves"]] == [("someone/else", 4, None)]
+
+
+def test_phi4_published_roundtrip_points_have_depth_and_citation(tmp_path):
+    pts = _points(build_leaderboard(), "published", PHI4)
+    # L4 / L19 are block indices; hidden_states = block + 1 (injection.block_offset); 40 blocks
+    assert [(p["block"], p["layer"], p["depth_pct"], p["value"]) for p in pts] == [(4, 5, 12, 0.42), (19, 20, 50, 0.69)]
+    for p in pts:
+        assert p["metric"] == "roundtrip" and p["n_blocks"] == 40 and p["run"] is None and p["retrieval_top1_in40"] is None
+        assert p["label"].endswith("published round-trip cosine (not retrieval)") and "nla-phi4" in p["label"]
+        assert p["note"] == "50-text double holdout, mean-centred per-layer cosine through the companion AR"
+        assert "huggingface.co/anicka/nla-phi4-universal-av-v2" in p["source"] and p["source"].endswith("[roundtrip]")
+    assert {p["card"] for p in build_leaderboard()["layer_curves"]} == {PHI4}  # the only card with L<block> keys
+    # the app's fallback without a leaderboard file, and a file written before layer_curves existed, have them too
+    assert [p["value"] for p in load_leaderboard(tmp_path / "missing.json")["layer_curves"]] == [0.42, 0.69]
+
+
+def test_old_leaderboard_file_gets_the_published_layer_points(tmp_path):
+    path = tmp_path / "lb.json"
+    path.write_text(json.dumps({"generated": "x", "rows": []}))
+    assert [(p["card"], p["layer"]) for p in load_leaderboard(path)["layer_curves"]] == [(PHI4, 5), (PHI4, 20)]
+    path.write_text(json.dumps({"generated": "x", "rows": [], "layer_curves": []}))
+    assert load_leaderboard(path)["layer_curves"] == []
+
+
+def test_markdown_has_the_per_layer_section():
+    res = _reading(GEMMA, {"greedy_L3": (0.1, 0.2), "greedy_L13": (0.8, 0.7), "guided_k16_L13": (0.95, 0.8)})
+    md = to_markdown(build_leaderboard([res]))
+    sec = md[md.index("\n## Per layer"):md.index("\n## Other published")]
+    assert f"### `{GEMMA}`" in sec and "18 blocks." in sec
+    assert ("| layer | depth % | greedy: 1-in-40 retrieval | greedy: MiniLM | greedy: confident-right | greedy: confident-wrong "
+            "| greedy: precision of confident | greedy: s/text | greedy: judge ppl | guided_k16: 1-in-40 retrieval |") in sec
+    assert "| 3 | 17 | 0.100 | 0.200 | 0.050 | 0.050 | 0.900 | 2.50 | 11.0 | — |" in sec  # no guided run at L3
+    assert "| 13 | 72 | 0.800 | 0.700 | 0.400 |" in sec and "`per_layer.json`" in sec
+    assert "same-group" not in sec  # no --group-by run
+    assert f"### `{PHI4}`" in sec and "**0.690** at block 19 (`hidden_states[20]`, depth 50 %)" in sec
+    assert "published round-trip cosine (not retrieval)" in sec and "[roundtrip]" in sec
+    assert "No per-layer runs yet" not in sec
+    assert "No per-layer runs yet" in to_markdown(build_leaderboard())
+    assert "## Per layer" not in to_markdown({**build_leaderboard(), "layer_curves": []})
+
+
+def _build_tab(monkeypatch, lb):
+    import gradio as gr
+
+    from nla_space.ui import leaderboard_tab as lt
+
+    monkeypatch.setattr(lt, "load", lambda: lb)
+    with gr.Blocks() as demo:
+        lt.build()
+    return {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+
+
+def test_leaderboard_tab_builds_with_and_without_layer_curves(monkeypatch):
+    from nla_space.ui import leaderboard_tab as lt
+
+    res = _reading(GEMMA, {"greedy_L3": (0.1, 0.2), "greedy_L13": (0.8, 0.7), "guided_k16_L13": (0.95, 0.8)})
+    lb = build_leaderboard([res])
+    series = lt.layer_series(lb)
+    assert series["embedded · greedy"] == [(17, 0.1), (72, 0.8)] and series["embedded · guided_k16"] == [(72, 0.95)]
+    phi = [k for k in series if "nla-phi4" in k]
+    assert len(phi) == 1 and "(not retrieval)" in phi[0] and series[phi[0]] == [(12, 0.42), (50, 0.69)]
+    fig = lt.layer_figure(lb)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "embedded · greedy" in labels and phi[0] in labels
+    frame = lt.layer_frame(lb)
+    assert len(frame) == 5 and frame.loc[1, "1-in-40 retrieval"] == 0.8 and frame.loc[1, "depth %"] == 72
+    assert frame.loc[4, "published value (not retrieval)"] == 0.69 and frame.loc[4, "run / metric"] == "roundtrip"
+    with_curves = _build_tab(monkeypatch, lb)
+    assert {"lb-layers-note", "lb-layers-plot", "lb-layers"} <= set(with_curves)
+    assert lt.NO_LAYER_RUNS not in with_curves["lb-layers-note"].value
+    # only the published points: the plot, and the "no per-layer runs yet" line
+    only_pub = _build_tab(monkeypatch, build_leaderboard())
+    assert "lb-layers-plot" in only_pub and lt.NO_LAYER_RUNS in only_pub["lb-layers-note"].value
+    # no points at all (an old file read without the fallback): the line only
+    empty = _build_tab(monkeypatch, {**build_leaderboard(), "layer_curves": []})
+    assert "lb-layers-plot" not in empty and "lb-layers" not in empty
+    assert "No per-layer runs yet" in empty["lb-layers-note"].value

@@ -37,7 +37,7 @@ def test_states_recorded_while_writing_are_the_text_read_like_a_typed_text(patch
     v = oc.extract("the cat is on the tree", layer)
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(4, len(bb.tokenizer), (3, 5), generator=g)
-    stepper = PatchStepper(oc, v, max_new_tokens=8)
+    stepper = PatchStepper(oc, v, max_new_tokens=8, layer=oc.card.default_layer)
     try:
         stepper.start(3)
         for t in range(seq.shape[1]):
@@ -53,7 +53,7 @@ def test_v_enters_at_position_0_and_the_blocks_below_are_untouched(patch_card) -
     oc = patch_card
     bb, layer = oc.backbone, oc.card.default_layer
     rows = [list(bb.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in tiny.SENTENCES[:4]]
-    patch = oc.av.patch
+    patch = oc.av.patches[layer]
     own = float(token_ce(bb, patch, rows))
     shuffled = float(token_ce(bb, patch, rows, shuffle=torch.tensor([1, 2, 3, 0])))
     assert own != pytest.approx(shuffled)  # the CE depends on which v is written
@@ -95,7 +95,7 @@ def test_guided_candidates_are_scored_as_the_search_scored_them(patch_card) -> N
     bb, layer = oc.backbone, oc.card.default_layer
     v = oc.extract("paris is a city in france", layer)
     gen = torch.Generator().manual_seed(0)
-    stepper = PatchStepper(oc, v, 8)
+    stepper = PatchStepper(oc, v, 8, oc.card.default_layer)
     try:
         cands = smc(stepper, stepper, oc.potential(v, layer), GuidedSettings(n=4, max_new_tokens=8), gen, bb.stop_ids, bb.pad_id,
                     word_starts(bb.tokenizer))

@@ -188,3 +188,118 @@ def test_a_checkpoint_kept_without_its_optimizer_resumes_with_fresh_moments(tmp_
     with caplog.at_level("WARNING"):
         state = train_patch(load_backbone(str(bb_dir)), corpus, tmp_path / "run", PatchTrainConfig(steps=4, **cfg), resume=True)
     assert state["step"] == 4 and "fresh AdamW moments" in caplog.text
+
+
+# --------------------------------------------------------------------------- a card of several layers
+
+
+def test_a_several_layer_release_gives_each_layer_its_own_mu_pool_and_calibration(tmp_path, capsys) -> None:
+    """patch-release --layers 3 1 2 on a run over layers 1-3: one card, default layer 3 first, μ/pool per
+    layer (mu.L{ℓ}, pool.L{ℓ}), a calibration per layer, resumable per layer; requests at each layer use
+    that layer's patch, μ, scorer and τ; the AV's layers must cover the card's."""
+    from safetensors import safe_open
+
+    from eval_harness.cli import main
+    from eval_harness.train.patch import PatchTrainConfig, train_patch
+    from nla_space.cards import find_card
+    from nla_space.runtime import open_card
+
+    bb_dir = tiny.save_backbone(tmp_path / "bb", "llama", layers=4)
+    corpus = tmp_path / "corpus.jsonl"
+    splits = ["train", "train", "val", "mu_pool"]
+    corpus.write_text("".join(json.dumps({"text": t, "split": splits[i % 4]}) + "\n" for i, t in enumerate(tiny.SENTENCES * 6)))
+    cfg = PatchTrainConfig(layer=(1, 2, 3), steps=3, batch_size=4, eval_every=3, val_rows=6, r=4, alpha=8, lr=0.01)
+    train_patch(load_backbone(str(bb_dir)), corpus, tmp_path / "run", cfg)
+    card_file, av = tmp_path / "card.json", tmp_path / "av"
+    args = ["patch-release", "--run", str(tmp_path / "run"), "--corpus", str(corpus), "--av-folder", str(av),
+            "--card-file", str(card_file), "--card-id", "local/tiny-multi", "--backbone", str(bb_dir), "--layers", "3", "1", "2",
+            "--calibrate", "10", "--strategy", "greedy", "--k", "1", "--target-precision", "0.5", "--title", "t", "--description", "d"]
+    assert main(args) == 0
+    card = json.loads(card_file.read_text())
+    assert card["layers"] == [3, 1, 2] and set(card["patch"]["layer_calibrations"]) == {"1", "2"}
+    with safe_open(str(av / "pool.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == ["pool.L1", "pool.L2", "pool.L3"]
+    with safe_open(str(av / "mu.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == ["mu.L1", "mu.L2", "mu.L3"]
+    for ell in (1, 2, 3):
+        recs = (tmp_path / "run" / f"calibration_records.L{ell}.jsonl").read_text().splitlines()
+        assert len(recs) == 10 and all(json.loads(r)["layer"] == ell for r in recs)
+    # a rerun reuses every layer's records (nothing verbalized: the records files are not rewritten)
+    stamp = {ell: (tmp_path / "run" / f"calibration_records.L{ell}.jsonl").stat().st_mtime_ns for ell in (1, 2, 3)}
+    assert main(args) == 0
+    assert stamp == {ell: (tmp_path / "run" / f"calibration_records.L{ell}.jsonl").stat().st_mtime_ns for ell in (1, 2, 3)}
+    assert json.loads(card_file.read_text())["patch"] == card["patch"]
+
+    oc = open_card(find_card(str(card_file)))
+    assert oc.card.default_layer == 3 and set(oc.av.patches) == {1, 2, 3}
+    cal = card["patch"]["layer_calibrations"]
+    for ell in (1, 2, 3):
+        spec = oc.specificity_at(ell)
+        assert spec is not None and torch.equal(spec.mu, oc.mu_at(ell))
+        want = card["patch"]["calibration"] if ell == 3 else cal[str(ell)]
+        assert spec.calibration.a == want["a"] and oc.tau_at(ell) == want["tau"]
+        res = oc.verbalize(text="the cat is on the tree", layer=ell, strategy="greedy")
+        assert res.layer == ell and res.tau == oc.tau_at(ell) and res.criterion == "confidence"
+        h = oc.reconstruct_texts([res.best.text], ell)
+        assert res.best.confidence == pytest.approx(float(spec.confidence(h, oc.read("the cat is on the tree", ell))[0]), abs=1e-4)
+    assert not torch.equal(oc.mu_at(1), oc.mu_at(3))
+    # reading-eval at every layer, with a same-group retrieval: one run per strategy and layer
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": t, "topic": "ab"[i % 2]}) + "\n" for i, t in enumerate(tiny.SENTENCES[:6])))
+    out = tmp_path / "res.json"
+    assert main(["reading-eval", "--card", str(card_file), "--texts", str(texts), "--strategies", "greedy", "--layers", "all",
+                 "--group-by", "topic", "--no-minilm", "--no-judge", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"greedy_L1", "greedy_L2", "greedy_L3"} and res["meta"]["layers"] == [1, 2, 3]
+    for ell in (1, 2, 3):
+        r = res["results"][f"greedy_L{ell}"]
+        assert r["layer"] == ell and 0 <= r["retrieval_in40_same_group"] <= 1 and all(e["layer"] == ell for e in r["examples"])
+    assert main(["reading-eval", "--card", str(card_file), "--texts", str(texts), "--strategies", "greedy", "--layers", "1,7",
+                 "--no-minilm", "--no-judge", "--out", str(tmp_path / "bad.json")]) == 2
+    assert main(["reading-eval", "--card", str(card_file), "--texts", str(texts), "--strategies", "greedy", "--group-by", "colour",
+                 "--no-minilm", "--no-judge", "--out", str(tmp_path / "bad.json")]) == 2
+    assert "no 'colour' field" in capsys.readouterr().err
+    # a card naming a layer its AV does not read is refused
+    bad = {**card, "id": "local/bad", "layers": [3, 0]}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="reads layer"):
+        open_card(find_card(str(tmp_path / "bad.json")))
+
+
+# --------------------------------------------------------------------------- guided decoding's fluency prior
+
+
+def test_the_fluency_prior_adds_the_greedy_anchor_and_ranks_by_z_plus_weighted_fluency(tmp_path) -> None:
+    """With patch.guided_fluency_weight w > 0 a guided answer has K + 1 candidates (the greedy reading
+    last), each with its mean token log-probability under the plain backbone, and the best is the
+    argmax of z + w · fluency; w = 0 is the search alone (no anchor, no fluency)."""
+    from nla_space.cards import find_card
+    from nla_space.lm_score import mean_logprobs
+    from nla_space.policy import selection_score
+    from nla_space.runtime import open_card
+
+    path = tiny.make_patch_card(tmp_path)
+    card = json.loads(path.read_text())
+    plain = open_card(find_card(str(path))).verbalize(text="the cat is on the tree", k=3, seed=0, strategy="guided")
+    assert all(c.fluency is None for c in plain.candidates) and plain.fluency_weight == 0.0
+    card["id"], card["patch"]["guided_fluency_weight"] = "local/patch-fluent", 2.0
+    (tmp_path / "fluent.json").write_text(json.dumps(card))
+    oc = open_card(find_card(str(tmp_path / "fluent.json")))
+    res = oc.verbalize(text="the cat is on the tree", k=3, seed=0, strategy="guided")
+    greedy = oc.verbalize(text="the cat is on the tree", strategy="greedy", seed=0)
+    assert res.fluency_weight == 2.0 and res.to_dict()["fluency_weight"] == 2.0
+    assert [c.token_ids for c in res.candidates[:-1]] == [c.token_ids for c in plain.candidates]
+    assert res.candidates[-1].token_ids == greedy.best.token_ids
+    bb = oc.backbone
+    rows = [[t for t in c.token_ids if t not in bb.stop_ids] for c in res.candidates]
+    want = [-20.0 if x is None else x for x in mean_logprobs(bb, rows)]
+    assert [c.fluency for c in res.candidates] == pytest.approx(want, abs=1e-5)
+    scores = [c.specificity + 2.0 * c.fluency for c in res.candidates]
+    assert res.best_index == max(range(len(scores)), key=scores.__getitem__)
+    assert selection_score(res.best, 2.0) == pytest.approx(max(scores))
+    # best-of-K and greedy are untouched by the prior
+    assert oc.verbalize(text="the cat is on the tree", k=3, seed=0, strategy="best-of-k").fluency_weight == 0.0
+    card["patch"]["guided_fluency_weight"] = -1.0
+    (tmp_path / "bad.json").write_text(json.dumps({**card, "id": "local/bad"}))
+    with pytest.raises(CheckpointError, match="guided_fluency_weight"):
+        find_card(str(tmp_path / "bad.json"))

@@ -139,7 +139,7 @@ def test_raw_fallback_without_mu():
 
 def test_readme_keys_parsed():
     assert {"card", "layer", "k", "tau", "hedged", "best", "candidates", "timings"} <= README_KEYS
-    assert CANDIDATE_KEYS == {"text", "token_ids", "score_raw", "score_cen", "specificity", "confidence"}
+    assert CANDIDATE_KEYS == {"text", "token_ids", "score_raw", "score_cen", "specificity", "confidence", "fluency"}
 
 
 def test_to_dict_json_contract():

@@ -177,9 +177,9 @@ def test_app_sweep_is_hidden_and_refused_for_a_single_layer_card(multi, fresh_en
 
     from nla_space.ui import handlers
 
-    assert handlers.sweep_visibility("embedded")["visible"] is False
+    assert handlers.sweep_visibility("gemma3-270m-l13")["visible"] is False
     with pytest.raises(gr.Error, match="single layer"):  # refused before the card is opened
-        handlers.sweep_ui(TEXT, "embedded", 2, None, 1.0, 0, False)
+        handlers.sweep_ui(TEXT, "gemma3-270m-l13", 2, None, 1.0, 0, False)
     assert fresh_engine._OPEN == {}
     for bad, match in ((dict(text=""), "empty"), (dict(k=0), "k must be"), (dict(card="no-such-card"), "unknown card")):
         args = {"text": TEXT, "card": multi["path"], "k": 2, **bad}

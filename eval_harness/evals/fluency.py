@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from nla_space.backbone import Backbone, shared_backbone
+from nla_space.lm_score import mean_logprobs
 
 DEFAULT_JUDGE = "embedded:smollm2-135m-instruct"
 
@@ -42,25 +43,8 @@ class FluencyJudge:
         self.spec = spec
         self.bb: Backbone = shared_backbone(spec, device=device)
 
-    @torch.inference_mode()
     def perplexity(self, texts: Sequence[str], batch_size: int = 16) -> list[float | None]:
+        """exp(−mean token log-probability) of each text under the judge (:func:`nla_space.lm_score.mean_logprobs`)."""
         bb = self.bb
-        start = [bb.bos_id] if bb.bos_id is not None else []
-        rows = [start + list(bb.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        out: list[float | None] = []
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            T = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), T), bb.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), T), dtype=torch.long)
-            for b, r in enumerate(chunk):
-                ids[b, : len(r)] = torch.tensor(r)
-                mask[b, : len(r)] = 1
-            logits = bb.model(input_ids=ids.to(bb.device), attention_mask=mask.to(bb.device)).logits.float().cpu()
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                    reduction="none").view(len(chunk), T - 1)
-            m = mask[:, 1:].float()  # without a BOS the first token has no context and is not scored
-            for b in range(len(chunk)):
-                k = float(m[b].sum())
-                out.append(math.exp(float((nll[b] * m[b]).sum()) / k) if k > 0 else None)
-        return out
+        rows = [list(bb.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        return [None if lp is None else math.exp(-lp) for lp in mean_logprobs(bb, rows, batch_size)]

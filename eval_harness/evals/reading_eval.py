@@ -21,6 +21,14 @@ Metrics over the n texts of a run (``METRICS``):
                         under an independent judge model (:mod:`.fluency`; ``input_judge_ppl_median``:
                         the input texts under the same judge, for scale)
 ``repeat3_rate``        loops: share of answers with a token 3-gram occurring three or more times
+``retrieval_in40_same_group``  with ``--group-by FIELD`` (e.g. ``topic``): 1-in-40 retrieval whose 39
+                        distractors are drawn from the text's own group first (a dog text among the
+                        other pet texts), so topic words alone do not win; ``confident_right_same_group``
+                        / ``confident_wrong_same_group`` / ``precision_confident_same_group`` likewise
+
+Layers (``--layers``): every strategy is run at each layer given (``all``: the card's), on the same
+texts; a run's results key gains ``_L{ℓ}`` (``greedy_L3``, ``guided_k16_L13``) and each metric is
+measured at that layer (its v, its re-encode, its μ).
 """
 
 from __future__ import annotations
@@ -52,19 +60,25 @@ log = logging.getLogger(__name__)
 
 METRICS = ("retrieval_top1", "retrieval_top1_in40", "minilm_top1", "confident", "confident_right", "confident_wrong",
            "precision_confident", "centered_fve_mean", "specificity_mean", "seconds_per_text", "judge_ppl_mean", "judge_ppl_median",
-           "input_judge_ppl_median", "repeat3_rate")
+           "input_judge_ppl_median", "repeat3_rate", "retrieval_in40_same_group", "confident_right_same_group",
+           "confident_wrong_same_group", "precision_confident_same_group")
 
 
 def load_texts(texts: Path | None, corpus: Path | None, split: str, limit: int | None) -> list[str]:
     """The evaluated texts: a JSONL of ``{"text"}`` rows, or a corpus split (held-out splits only)."""
+    return [r["text"] for r in load_rows(texts, corpus, split, limit)]
+
+
+def load_rows(texts: Path | None, corpus: Path | None, split: str, limit: int | None) -> list[dict[str, Any]]:
+    """The evaluated rows (``{"text", ...}``) of :func:`load_texts`, with their other fields (kind, topic)."""
     if (texts is None) == (corpus is None):
         raise NLAInputError("give exactly one of --texts FILE.jsonl or --corpus FILE.jsonl")
     if corpus is not None:
         if split == "train":
             raise NLAInputError("refusing to evaluate on the train split: pick val, test or mu_pool")
-        rows = [r["text"] for r in read_corpus(corpus, split)]
+        rows = read_corpus(corpus, split)
     else:
-        rows = [r["text"] for r in read_corpus(texts)]
+        rows = read_corpus(texts)
     rows = rows[:limit] if limit else rows
     if len(rows) < 2:
         raise NLAInputError(f"need at least 2 texts, got {len(rows)}")
@@ -90,13 +104,16 @@ class ReadingEval:
         layer = res.layer
         v = self.oc.read(text, layer)
         h = self.oc.reconstruct_texts([res.best.text], layer)[0]
-        return {"target": i, "text": text, "verbalization": res.best.text, "token_ids": list(res.best.token_ids),
+        return {"target": i, "text": text, "layer": layer, "verbalization": res.best.text, "token_ids": list(res.best.token_ids),
                 "hedged": res.hedged, "score": res.score,
                 "criterion": res.criterion, "confidence": res.best.confidence, "specificity": res.best.specificity,
                 "score_cen": res.best.score_cen, "seconds": round(secs, 3),
                 "v": [round(float(x), 5) for x in v], "h": [round(float(x), 5) for x in h]}
 
-    def aggregate(self, recs: Sequence[dict[str, Any]], embed: Any = None, judge: FluencyJudge | None = None) -> dict[str, Any]:
+    def aggregate(self, recs: Sequence[dict[str, Any]], embed: Any = None, judge: FluencyJudge | None = None,
+                  groups: list[str] | None = None) -> dict[str, Any]:
+        """The metrics of the module docstring over ``recs``; with ``groups`` (a label per record) also the
+        same-group 1-in-40 ones."""
         V = torch.tensor([r["v"] for r in recs])
         H = torch.tensor([r["h"] for r in recs])
         mu = self.oc.mu_at(self.oc.check_layer(self.layer))
@@ -133,6 +150,13 @@ class ReadingEval:
             out["input_judge_ppl_median"] = float(torch.tensor(src).median()) if src else None
             for r, x in zip(recs, ppl):
                 r["judge_ppl"] = None if x is None else round(x, 3)
+        if groups is not None:
+            same = retrieval_correct(H, V, mu, n=40, groups=groups)
+            out.update(retrieval_in40_same_group=float(same.mean()), confident_right_same_group=float((conf * same).mean()),
+                       confident_wrong_same_group=float((conf * (1 - same)).mean()),
+                       precision_confident_same_group=float((conf * same).sum() / conf.sum()) if conf.sum() > 0 else None)
+            for r, ok in zip(recs, same.tolist()):
+                r["retrieval_correct_in40_same_group"] = ok
         for r, ok in zip(recs, in40.tolist()):
             r["retrieval_correct_in40"] = ok
         return out
@@ -145,7 +169,8 @@ def _mean(xs: Sequence[Any]) -> float | None:
 
 def examples(recs: Sequence[dict[str, Any]], n: int = 20) -> list[dict[str, Any]]:
     """The first ``n`` records without their vectors: what a reader judges."""
-    keep = ("text", "verbalization", "hedged", "confidence", "specificity", "score_cen", "retrieval_correct_in40", "judge_ppl")
+    keep = ("text", "layer", "verbalization", "hedged", "confidence", "specificity", "score_cen", "retrieval_correct_in40",
+            "retrieval_correct_in40_same_group", "judge_ppl")
     return [{k: r.get(k) for k in keep} for r in recs[:n]]
 
 
@@ -192,6 +217,10 @@ class ReadingConfig:
     resume: bool = setting(False)
     log_samples: Path | None = setting(None, "also keep every per-text record (text, answer, specificity, v, h; one strategy per line group) "
                                              "as JSON Lines: what patch-release --calibration-records refits from")
+    layers: str | None = setting(None, "run every strategy at each of these layers: comma-separated, or 'all' (the card's); "
+                                       "default: the card's default layer only")
+    group_by: str | None = setting(None, "a field of the --texts rows (e.g. topic): also report 1-in-40 retrieval with "
+                                         "distractors from the text's own group first")
     device: str | None = setting(None)
     dtype: str | None = setting(None, DTYPE_HELP, choices=CPU_DTYPES)
 
@@ -232,7 +261,14 @@ class ReadingEvalTask(EvalTask):
         a = self.cfg
         check_writable(a.out.parent, "results folder")
         require_card_kind(a.card, self.supported_kinds, self.name)
-        self.texts = load_texts(a.texts, a.corpus, a.split, a.limit)
+        rows = load_rows(a.texts, a.corpus, a.split, a.limit)
+        self.texts = [r["text"] for r in rows]
+        self.groups = None
+        if a.group_by:
+            missing = sum(1 for r in rows if a.group_by not in r)
+            if missing:
+                raise NLAInputError(f"--group-by {a.group_by}: {missing} of {len(rows)} texts have no '{a.group_by}' field")
+            self.groups = [str(r[a.group_by]) for r in rows]
         strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
         ks = [int(x) for x in str(a.k).split(",")]
         if len(ks) == 1:  # one K for every strategy that samples; greedy writes one candidate
@@ -247,12 +283,26 @@ class ReadingEvalTask(EvalTask):
         self.judge = None if a.no_judge else FluencyJudge(a.judge, device=rank_device(a.device))
         self.oc = open_card(a.card, device=rank_device(a.device), dtype=a.dtype)
         self.strategies, self.ks = strategies, ks
-        self.evs = [ReadingEval(self.oc, s, k, a.seed, a.max_new_tokens) for s, k in zip(strategies, ks)]
-        return [si * STRATEGY_STRIDE + i for si in range(len(strategies)) for i in range(len(self.texts))]
+        self.layers = self._layers(a.layers)
+        self.evs = [ReadingEval(self.oc, s, k, a.seed, a.max_new_tokens, layer=ell)
+                    for s, k in zip(strategies, ks) for ell in (self.layers or [None])]
+        return [ri * STRATEGY_STRIDE + i for ri in range(len(self.evs)) for i in range(len(self.texts))]
+
+    def _layers(self, spec: str | None) -> list[int] | None:
+        """``--layers``: None (the default layer, run names without a layer), the card's (``all``), or a list."""
+        if spec is None:
+            return None
+        if spec.strip() == "all":
+            return sorted(set(self.oc.layers))
+        try:
+            wanted = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise NLAInputError(f"--layers {spec!r}: comma-separated layer indices or 'all'") from None
+        return [self.oc.check_layer(ell) for ell in dict.fromkeys(wanted)]
 
     def fingerprint(self) -> dict[str, Any]:
         return {"card": self.oc.card.id, "texts": [t[:40] for t in self.texts], "strategies": self.strategies, "ks": self.ks,
-                "seed": self.cfg.seed, "max_new_tokens": self.cfg.max_new_tokens}
+                "seed": self.cfg.seed, "max_new_tokens": self.cfg.max_new_tokens, **({"layers": self.layers} if self.layers else {})}
 
     def process(self, target: int) -> dict[str, Any]:
         si, i = divmod(target, STRATEGY_STRIDE)
@@ -260,16 +310,21 @@ class ReadingEvalTask(EvalTask):
 
     def _by_strategy(self, recs: list[dict[str, Any]]) -> list[tuple[str, ReadingEval, list[dict[str, Any]]]]:
         n = len(self.texts)
-        return [(f"{ev.strategy}_k{ev.k}" if ev.strategy != "greedy" else "greedy", ev, recs[si * n:(si + 1) * n])
-                for si, ev in enumerate(self.evs)]
+        out = []
+        for si, ev in enumerate(self.evs):
+            name = f"{ev.strategy}_k{ev.k}" if ev.strategy != "greedy" else "greedy"
+            out.append((name if ev.layer is None else f"{name}_L{ev.layer}", ev, recs[si * n:(si + 1) * n]))
+        return out
 
     def aggregate(self, recs: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"results": {name: {"strategy": ev.strategy, "k": ev.k, **ev.aggregate(rs, self.embed, self.judge), "examples": examples(rs)}
+        return {"results": {name: {"strategy": ev.strategy, "k": ev.k, "layer": self.oc.check_layer(ev.layer),
+                                   **ev.aggregate(rs, self.embed, self.judge, self.groups), "examples": examples(rs)}
                             for name, ev, rs in self._by_strategy(recs)}}
 
     def meta_fields(self, results: dict[str, Any]) -> dict[str, Any]:
         a = self.cfg
         return {"card": self.oc.card.id, "n_texts": len(self.texts), "M": len(self.texts), "K": self.ks, "seed": a.seed,
+                "layers": self.layers or [self.oc.card.default_layer], "group_by": a.group_by,
                 "metrics": list(METRICS), "source": str(a.texts or f"{a.corpus}:{a.split}"),
                 "precision": precision_info(self.oc.backbone)}
 
@@ -289,4 +344,7 @@ class ReadingEvalTask(EvalTask):
             f"{name}: retrieval {r['retrieval_top1']:.3f} (1-in-{r['n']}), in40 {r['retrieval_top1_in40']:.3f}, "
             f"MiniLM {r['minilm_top1'] if r['minilm_top1'] is None else round(r['minilm_top1'], 3)}, "
             f"confident {r['confident']:.2f} (right {r['confident_right']:.2f}, wrong {r['confident_wrong']:.2f}), "
-            f"{r['seconds_per_text']:.2f} s/text" for name, r in results["results"].items())
+            f"{r['seconds_per_text']:.2f} s/text"
+            + (f", judge ppl {r['judge_ppl_mean']:.1f}" if r.get("judge_ppl_mean") is not None else "")
+            + (f", same-group in40 {r['retrieval_in40_same_group']:.3f}" if r.get("retrieval_in40_same_group") is not None else "")
+            for name, r in results["results"].items())

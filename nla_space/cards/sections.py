@@ -412,6 +412,19 @@ class PatchSection(Section):
     default_strategy: str = "best-of-k"
     guided_beta: float = DEFAULT_BETA
     guided_prefixes: bool = True
+    #: the weight w of guided decoding's fluency prior (0: off; :mod:`nla_space.guided`, "Fluency prior")
+    guided_fluency_weight: float = 0.0
+    #: the confidence's calibration at the card's default layer (a one-layer card's only one)
     calibration: Calibration | None = None
+    #: a several-layer card's calibration of each other layer, by layer index (``{"3": {...}}``)
+    layer_calibrations: dict[str, Calibration] = field(default_factory=dict)
     #: the greedy rollout's repetition guard n (:mod:`nla_space.rollout`): no n-gram more than twice; 0 = off
     greedy_repeat_ngram: int = 0
+
+    def check(self, where: str, key: str) -> None:
+        if self.guided_fluency_weight < 0:
+            raise CheckpointError(f"{where}: '{_join(key, 'guided_fluency_weight')}' must be ≥ 0, got {self.guided_fluency_weight!r}")
+
+    def calibration_at(self, layer: int, default_layer: int) -> Calibration | None:
+        """The calibration of ``layer``: ``calibration`` at the default layer, ``layer_calibrations`` elsewhere."""
+        return self.calibration if layer == default_layer else self.layer_calibrations.get(str(layer))

@@ -77,6 +77,9 @@ The plot shows the K scores, the τ line, and (for cards that publish them) the 
   `nla_space/scoring.py`; selection and hedging — `nla_space/policy.py`.
 - The token heat map colours each input token by the cosine of its own state to `v` (centered when the card
   has μ, else by the mean state of the text itself); the last token is `v` itself (1.0).
+- The token × layer grid is that heat map at every layer of the card (one row per layer, ★ = the card's
+  default; at most 24, evenly spaced), `v` read at the same token at each layer; click a cell to verbalize
+  that token's state at that layer (the layer label: the card's read position there) — `nla_space/ui/heat.py`.
 
 ## Limitations
 

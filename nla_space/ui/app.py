@@ -54,9 +54,8 @@ def api_verbalize(
 
     Returns the same JSON object as `python -m nla_space verbalize --json`.
     """
-    result, _ = handlers.run_checked(text=text, card=card, layer=layer, k=k, tau=tau, temperature=temperature, seed=seed,
-                                     strategy=strategy, greedy=greedy, max_new_tokens=max_new_tokens, position=position)
-    return result
+    return handlers.run_checked(maps=False, text=text, card=card, layer=layer, k=k, tau=tau, temperature=temperature, seed=seed,
+                                strategy=strategy, greedy=greedy, max_new_tokens=max_new_tokens, position=position).result
 
 
 def api_sweep(

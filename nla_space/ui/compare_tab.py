@@ -46,8 +46,8 @@ def build(concurrency: int) -> None:
     def on_compare(text: str, *vals: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
         pa = dict(zip(keys, vals[: len(keys)]))
         pb = dict(zip(keys, vals[len(keys):]))
-        ra, _ = handlers.run_checked(progress=progress, text=text, k_is_slider=True, **pa)
-        rb, _ = handlers.run_checked(progress=progress, text=text, k_is_slider=True, **pb)
+        ra = handlers.run_checked(progress=progress, maps=False, text=text, k_is_slider=True, **pa).result
+        rb = handlers.run_checked(progress=progress, maps=False, text=text, k_is_slider=True, **pb).result
         return _outputs(ra) + _outputs(rb)
 
     ev = run.click(on_compare, [text] + [a[k] for k in keys] + [b[k] for k in keys], out_a + out_b,

@@ -18,12 +18,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from ..cards import DEFAULT_CARD, Card, builtin_cards, find_card
 from ..errors import NLAInputError
 from ..policy import MAX_K, MAX_NEW_TOKENS
 from .gpu import default_device, gpu
+from .heat import token_heat, token_layer_grid
 
 if TYPE_CHECKING:  # the opened-card interface, for annotations only (importing it loads the model stack)
     from ..verbalizers.base import OpenedCard
@@ -190,7 +191,9 @@ def check_request(
     ``k`` None is :data:`~nla_space.policy.DEFAULT_K` for a sampling strategy and 1 for greedy; an
     explicit K > 1 with greedy decoding is refused (:func:`~nla_space.policy.resolve_decoding`), except
     from the Verbalize tab's K slider (``k_is_slider``), which always holds a value and says it is
-    used by best-of-K and guided only."""
+    used by best-of-K and guided only. From those sliders, τ at the card's ``default_tau`` (where the
+    card change puts it) means the card's own τ at each layer (``None``): a card calibrated per layer
+    has a τ per layer, and a sweep must not hedge every layer by the default layer's."""
     if not isinstance(text, str) or not text.strip():
         raise NLAInputError("the text is empty: type something to verbalize", field="text")
     if len(text) > MAX_TEXT_CHARS:
@@ -210,7 +213,8 @@ def check_request(
         text=text,
         layer=layer_i,
         k=_resolved_k(found, k, strategy_v, bool(greedy), k_is_slider),
-        tau=None if tau in (None, "") else _as_float("tau", tau, 0.0, 1.0),
+        tau=None if tau in (None, "") or (k_is_slider and _as_float("tau", tau, 0.0, 1.0) == found.default_tau)
+        else _as_float("tau", tau, 0.0, 1.0),
         temperature=_as_float("temperature", temperature, 0.0, 5.0),
         seed=None if seed in (None, "") else _as_int("seed", seed, 0, 2**63 - 1),
         greedy=bool(greedy),
@@ -255,8 +259,9 @@ def _rollout_seconds(k: int, greedy: bool, max_new_tokens: int | None) -> int:
 
 def gpu_seconds(card_id: str, text: str, layer: int | None, k: int, tau: float | None, temperature: float,
                 seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, strategy: str | None = None,
-                position: int | None = None, progress: Any = None) -> int:
-    """ZeroGPU reservation for one request, sized by K (same signature as :func:`run_verbalize`)."""
+                position: int | None = None, maps: bool = True, progress: Any = None) -> int:
+    """ZeroGPU reservation for one request, sized by K (same signature as :func:`run_verbalize`; the token
+    maps' forwards, two per grid layer, are within the 15 s base)."""
     return int(min(MAX_GPU_SECONDS, 15 + _rollout_seconds(k, greedy, max_new_tokens)))
 
 
@@ -290,42 +295,26 @@ def _progress_fn(progress: Any) -> Callable[[float, str], None]:
     return step
 
 
-def token_heat(oc: OpenedCard, text: str, layer: int, position: int | None = None) -> list[tuple[str, float]]:
-    """Per text token: cos(h_t − μ, v − μ) to the vector v the card read (at ``position``), in [−1, 1].
-
-    The states are the card's own (:meth:`~nla_space.verbalizers.base.OpenedCard.token_states`: the
-    text's tokens as the card reads them, BOS and template tokens left out) and μ is the card's μ at
-    ``layer``. When the card has none there, the mean of this text's token states stands in for μ
-    (raw cosines of hidden states are all high, so they would colour every token alike).
-    """
-    import torch
-
-    pieces, states = oc.token_states(text, layer)
-    v = oc.read(text, layer, position)[None]
-    mu = oc.mu_at(layer)
-    if mu is not None:
-        center = mu.float()[None]
-    elif len(pieces) > 1:
-        center = states.mean(0, keepdim=True)
-    else:
-        center = torch.zeros_like(v)
-    cos = torch.nn.functional.cosine_similarity(states - center, (v - center).expand_as(states), dim=-1)
-    return [(p, round(float(c), 3)) for p, c in zip(pieces, cos.tolist())]
-
-
 @gpu(duration=gpu_seconds)
 def run_verbalize(card_id: str, text: str, layer: int | None, k: int, tau: float | None, temperature: float,
                   seed: int | None, greedy: bool = False, max_new_tokens: int | None = None, strategy: str | None = None,
-                  position: int | None = None, progress: Any = None) -> dict[str, Any]:
+                  position: int | None = None, maps: bool = True, progress: Any = None) -> dict[str, Any]:
     """Verbalize on the card's device. Returns plain CPU data only: ``{"result": Verbalization.to_dict(),
-    "heat": [(token, value), ...]}``, or ``{"error": message}`` for a user error (so that on ZeroGPU the
-    message survives the trip back from the worker process instead of becoming "ZeroGPU worker error")."""
+    "heat": [(token, value), ...], "grid": token_layer_grid(...)}`` (``maps`` False: no heat map and
+    grid, ``[]`` and None), or ``{"error": message}`` for a user error (so that on ZeroGPU the message
+    survives the trip back from the worker process instead of becoming "ZeroGPU worker error")."""
     try:
         oc, max_new_tokens = _opened_with_length(card_id, max_new_tokens)
         res = oc.verbalize(text=text, layer=layer, k=k, tau=tau, temperature=temperature,
                            max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, progress=_progress_fn(progress),
                            strategy=strategy, position=position)
-        return {"result": res.to_dict(), "heat": token_heat(oc, text, res.layer, position)}
+        if not maps:
+            return {"result": res.to_dict(), "heat": [], "grid": None}
+        grid = token_layer_grid(oc, text, None, position)  # the heat map is its row at the layer read, if shown
+        row = grid["layers"].index(res.layer) if res.layer in grid["layers"] else None
+        heat = (list(zip(grid["tokens"], grid["values"][row])) if row is not None
+                else token_heat(oc, text, res.layer, position))
+        return {"result": res.to_dict(), "heat": heat, "grid": grid}
     except NLAInputError as exc:
         return {"error": str(exc)}
 
@@ -347,14 +336,23 @@ def run_sweep(card_id: str, text: str, layers: list[int] | None, k: int, tau: fl
         return {"error": str(exc)}
 
 
-def verbalize(req: Request, progress: Callable[..., Any] | None = None) -> tuple[dict[str, Any], list[tuple[str, float]]]:
-    """Open the card in the main process (once), then run the GPU function; user errors raise NLAInputError."""
+class Verbalized(NamedTuple):
+    """What :func:`verbalize` returns: the result (``Verbalization.to_dict()``) and the token maps."""
+
+    result: dict[str, Any]
+    heat: list[tuple[str, float]]  #: the heat map at the layer read (``[]`` without maps)
+    grid: dict[str, Any] | None  #: :func:`~nla_space.ui.heat.token_layer_grid` (None without maps)
+
+
+def verbalize(req: Request, progress: Callable[..., Any] | None = None, maps: bool = True) -> Verbalized:
+    """Open the card in the main process (once), then run the GPU function; user errors raise NLAInputError.
+    ``maps`` False skips the heat map and the grid (the API and the Compare tab show neither)."""
     get_open(req.card)
     out = run_verbalize(req.card, req.text, req.layer, req.k, req.tau, req.temperature, req.seed,
-                        req.greedy, req.max_new_tokens, req.strategy, req.position, progress=progress)
+                        req.greedy, req.max_new_tokens, req.strategy, req.position, maps, progress=progress)
     if "error" in out:
         raise NLAInputError(out["error"])
-    return out["result"], out["heat"]
+    return Verbalized(out["result"], out["heat"], out["grid"])
 
 
 def check_several_layers(card: str) -> None:

@@ -10,6 +10,7 @@ import gradio as gr
 from ..cards import find_card
 from ..errors import NLAInputError
 from . import engine, views
+from .heat import grid_cell
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,23 @@ def _guarded(call: Callable[[], T], title: str, what: str) -> T:
                        title="Internal error", print_exception=False) from None
 
 
-def run_checked(progress: Any = None, **params: Any) -> tuple[dict[str, Any], list[tuple[str, float]]]:
-    """Check and run one request (errors as :func:`_guarded` says)."""
-    return _guarded(lambda: engine.verbalize(engine.check_request(**params), progress=progress), "Cannot verbalize", "verbalize")
+def run_checked(progress: Any = None, maps: bool = True, **params: Any) -> engine.Verbalized:
+    """Check and run one request (errors as :func:`_guarded` says); ``maps`` as :func:`engine.verbalize`."""
+    return _guarded(lambda: engine.verbalize(engine.check_request(**params), progress=progress, maps=maps),
+                    "Cannot verbalize", "verbalize")
+
+
+def grid_checked(grid: dict[str, Any] | None, index: Any, progress: Any = None, **params: Any) -> engine.Verbalized:
+    """A click on the token × layer grid's cell ``index`` ((row, column), as ``gr.SelectData`` gives it):
+    verbalize that token's state at that row's layer (:func:`nla_space.ui.heat.grid_cell`; the label
+    column: the card's read position at that layer). ``params`` as :func:`engine.check_request`, without
+    ``layer`` and ``position``; errors as :func:`_guarded` says."""
+    def call() -> engine.Verbalized:
+        row, col = index if isinstance(index, (list, tuple)) and len(index) == 2 else (None, None)
+        layer, position = grid_cell(grid, row, col)
+        return engine.verbalize(engine.check_request(layer=layer, position=position, **params), progress=progress)
+
+    return _guarded(call, "Cannot verbalize", "verbalize")
 
 
 def sweep_checked(progress: Any = None, several_layers: bool = False, **params: Any) -> list[dict[str, Any]]:
@@ -79,15 +94,17 @@ def card_changed(card_id: str) -> tuple[Any, Any]:
 
 
 def _read_at(result: dict[str, Any]) -> str:
-    """A line naming the token read, when the request picked one (a click on the heat map, ``position``)."""
+    """A line naming the token read and its layer, when the request picked one (a click on the heat map or
+    the grid, ``position``)."""
     pos = result.get("position")
     if pos is None or result.get("read_token") is None:
         return ""
-    return f"**Read at token {pos}** (“{result['read_token'].strip() or result['read_token']}”); click another token to read it.\n\n"
+    return (f"**Read at token {pos}** (“{result['read_token'].strip() or result['read_token']}”) at layer {result['layer']}; "
+            "click another token or grid cell to read it.\n\n")
 
 
-def render(result: dict[str, Any], heat: list[tuple[str, float]]) -> tuple[Any, ...]:
-    """All Verbalize-tab outputs for one result."""
+def render(result: dict[str, Any], heat: list[tuple[str, float]], grid: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """All Verbalize-tab outputs for one result: ..., the result JSON, the grid table and the grid data (a ``gr.State``)."""
     try:
         card = find_card(result["card"])
     except NLAInputError:
@@ -105,4 +122,6 @@ def render(result: dict[str, Any], heat: list[tuple[str, float]]) -> tuple[Any, 
         views.timings_markdown(result),
         engine.write_json(result),
         result,
+        views.grid_frame(grid),
+        grid,
     )

@@ -15,12 +15,13 @@ from . import engine, handlers, views
 EXAMPLES_FILE = ASSETS_DIR / "examples.json"
 
 
-#: The heat map's colour scale: Gradio shades a negative score purple and a positive one red, by its magnitude.
+#: The token maps' colour scale: Gradio shades a negative score purple and a positive one red, by its magnitude
+#: (the heat map), and :func:`views.heat_css` shades the grid's cells the same way.
 HEAT_LEGEND = (
     '<div class="heat-legend" style="display:flex;align-items:center;gap:.5em;font-size:.85em">'
     "<span>−1 opposite to v</span>"
     '<span style="flex:0 0 160px;height:.8em;border-radius:3px;'
-    'background:linear-gradient(to right,rgb(128,90,213),white,rgb(239,68,60))"></span>'
+    f'background:linear-gradient(to right,rgb{views.HEAT_NEGATIVE_RGB},white,rgb{views.HEAT_POSITIVE_RGB})"></span>'
     "<span>+1 same direction as v</span>"
     "<span style=\"opacity:.75\">· the token read is marked 1.0</span></div>"
 )
@@ -91,6 +92,11 @@ def build(concurrency: int) -> dict[str, Any]:
                                             "or by this text's mean state). Click a token to verbalize its state.",
                                       elem_id="heat", combine_adjacent=False, show_legend=False)
             gr.HTML(HEAT_LEGEND, elem_id="heat-legend")
+            grid = gr.Dataframe(headers=[views.GRID_LABEL_COLUMN], elem_id="grid", interactive=False, max_height=360,
+                                pinned_columns=1,
+                                label="Token × layer: cosine of each token's state to v read at that layer (centered by μ "
+                                      "where the card has one). Click a cell to verbalize that state.")
+            grid_state = gr.State(None)  # the grid's data (token_layer_grid): which layer each row is
     with gr.Row():
         with gr.Column(scale=6):
             table = gr.Dataframe(headers=views.CANDIDATE_COLUMNS, label="Candidates (sorted by score; ★ = oracle pick, ◆ = compass pick)",
@@ -121,12 +127,12 @@ def build(concurrency: int) -> dict[str, Any]:
 
     def on_run(text: str, card: str, layer: Any, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
                strategy: str = "default", progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
-        result, heat_ = handlers.run_checked(progress=progress, text=text, card=card, layer=layer, k=k, k_is_slider=True, tau=tau,
-                                             temperature=temperature, seed=seed, greedy=greedy, strategy=strategy)
-        return handlers.render(result, heat_)
+        out = handlers.run_checked(progress=progress, text=text, card=card, layer=layer, k=k, k_is_slider=True, tau=tau,
+                                   temperature=temperature, seed=seed, greedy=greedy, strategy=strategy)
+        return handlers.render(*out)
 
     inputs = [text, s["card"], s["layer"], s["k"], s["tau"], s["temperature"], s["seed"], s["greedy"], s["strategy"]]
-    outputs = [badge, best, notes, compass, heat, table, plot, timings, download, raw]
+    outputs = [badge, best, notes, compass, heat, table, plot, timings, download, raw, grid, grid_state]
     ev = run.click(on_run, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,
                    api_visibility="undocumented", api_name="verbalize_ui", show_progress="full")
     ev2 = text.submit(on_run, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,
@@ -135,12 +141,24 @@ def build(concurrency: int) -> dict[str, Any]:
     def on_token(text: str, card: str, layer: Any, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool,
                  strategy: str, evt: gr.SelectData, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
         """A click on a heat-map token: verbalize the state at that token (its index among the text's tokens)."""
-        result, heat_ = handlers.run_checked(progress=progress, text=text, card=card, layer=layer, k=k, k_is_slider=True, tau=tau,
-                                             temperature=temperature, seed=seed, greedy=greedy, strategy=strategy,
-                                             position=int(evt.index))
-        return handlers.render(result, heat_)
+        out = handlers.run_checked(progress=progress, text=text, card=card, layer=layer, k=k, k_is_slider=True, tau=tau,
+                                   temperature=temperature, seed=seed, greedy=greedy, strategy=strategy,
+                                   position=int(evt.index))
+        return handlers.render(*out)
 
     ev4 = heat.select(on_token, inputs, outputs, concurrency_id="model", concurrency_limit=concurrency,
+                      api_visibility="private", show_progress="full")
+
+    def on_cell(text: str, card: str, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool, strategy: str,
+                grid_data: dict[str, Any] | None, evt: gr.SelectData, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+        """A click on a grid cell: verbalize that token's state at that row's layer (the label column: the
+        card's read position there), and show that layer in the Layer picker."""
+        out = handlers.grid_checked(grid_data, evt.index, progress=progress, text=text, card=card, k=k, k_is_slider=True,
+                                    tau=tau, temperature=temperature, seed=seed, greedy=greedy, strategy=strategy)
+        return (*handlers.render(*out), gr.update(value=out.result["layer"]))
+
+    cell_inputs = [text, s["card"], s["k"], s["tau"], s["temperature"], s["seed"], s["greedy"], s["strategy"], grid_state]
+    ev5 = grid.select(on_cell, cell_inputs, outputs + [s["layer"]], concurrency_id="model", concurrency_limit=concurrency,
                       api_visibility="private", show_progress="full")
 
     def on_sweep(text: str, card: str, k: Any, tau: Any, temperature: Any, seed: Any, greedy: bool, strategy: str,
@@ -156,5 +174,5 @@ def build(concurrency: int) -> dict[str, Any]:
         return shown, shown
 
     s["card"].change(on_card, s["card"], [sweep, sweep_box], queue=False, api_visibility="private")
-    stop.click(None, None, None, cancels=[ev, ev2, ev3, ev4], queue=False, api_visibility="private")
+    stop.click(None, None, None, cancels=[ev, ev2, ev3, ev4, ev5], queue=False, api_visibility="private")
     return {"text": text, "run": run, "sweep": sweep, "best": best, **s}

@@ -6,6 +6,7 @@ Pure functions of plain data (no Gradio, no model), so they are easy to test and
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
 import pandas as pd
@@ -215,6 +216,45 @@ def sweep_plot(results: list[dict[str, Any]]) -> Any:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+#: The token maps' colour scale (the heat map's legend and the grid): −1 purple, 0 white, +1 red.
+HEAT_NEGATIVE_RGB = (128, 90, 213)
+HEAT_POSITIVE_RGB = (239, 68, 60)
+GRID_LABEL_COLUMN = "layer"
+
+
+def heat_css(value: float) -> str:
+    """CSS for a grid cell of cosine ``value``: white blended toward purple (−1) or red (+1) by |value|,
+    with a text colour that stays readable on it."""
+    v = float(value)
+    t = min(1.0, abs(v)) if math.isfinite(v) else 0.0  # not a number: white
+    end = HEAT_POSITIVE_RGB if v > 0 else HEAT_NEGATIVE_RGB
+    r, g, b = (round(255 + (c - 255) * t) for c in end)
+    return f"background-color: rgb({r}, {g}, {b}); color: {'#ffffff' if t > 0.75 else '#111111'}"
+
+
+def grid_row_labels(grid: dict[str, Any]) -> list[str]:
+    """``L13 ★`` for the card's default layer, ``L8`` for the others, one per grid row."""
+    return [f"L{x}" + (" ★" if x == grid.get("default_layer") else "") for x in grid["layers"]]
+
+
+def grid_headers(tokens: list[str]) -> list[str]:
+    """The label column, then one header per token: its index and its text (``␣`` for whitespace),
+    unique even where a token repeats."""
+    return [GRID_LABEL_COLUMN] + [f"{i} {t.strip() or '␣'}" for i, t in enumerate(tokens)]
+
+
+def grid_frame(grid: dict[str, Any] | None) -> Any:
+    """The token × layer grid (:func:`nla_space.ui.heat.token_layer_grid`) as a pandas Styler: one row per
+    layer (label first), one column per token, each cell its cosine, shaded by :func:`heat_css`. No
+    grid: an empty frame with the label column."""
+    if not grid or not grid.get("layers"):
+        return pd.DataFrame(columns=[GRID_LABEL_COLUMN])
+    cols = grid_headers(grid["tokens"])
+    rows = [[label, *vals] for label, vals in zip(grid_row_labels(grid), grid["values"])]
+    df = pd.DataFrame(rows, columns=cols)
+    return df.style.map(heat_css, subset=cols[1:]).format("{:.2f}", subset=cols[1:])
 
 
 def best_text(result: dict[str, Any]) -> str:

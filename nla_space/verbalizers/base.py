@@ -44,6 +44,7 @@ from ..backbone import Backbone
 from ..cards import Card
 from ..compass import CompassScorer, opinion
 from ..errors import NLAInputError
+from ..lm_score import mean_logprobs
 from ..policy import Note, ProgressFn
 from ..rollout import Rollout
 from ..specificity import Specificity
@@ -76,6 +77,8 @@ class OpenedCard(abc.ABC):
     #: β of guided decoding's potential exp(β φ), and whether word-boundary prefixes are candidates
     guided_beta: float = guided.DEFAULT_BETA
     guided_prefixes: bool = True
+    #: the weight of guided decoding's fluency prior (0: off; :mod:`nla_space.guided`, "Fluency prior")
+    guided_fluency_weight: float = 0.0
     #: what :meth:`reconstruct` returns: ``activation`` (scored against v, μ-centered when there is a μ)
     #: or ``embedding`` (a compass's sentence space)
     scorer_space: str = "activation"
@@ -168,6 +171,20 @@ class OpenedCard(abc.ABC):
         """Held for a whole request: a card whose requests switch model state returns a lock."""
         return contextlib.nullcontext()
 
+    def fluency_of(self, roll: Rollout) -> torch.Tensor | None:
+        """Each candidate's mean token log-probability under the plain backbone without ``v`` ((n,), the
+        fluency prior of :mod:`nla_space.policy`); None where the kind cannot run its backbone plain."""
+        return None
+
+    def specificity_at(self, layer: int) -> Specificity | None:
+        """The contrastive scorer and calibration at ``layer`` (:attr:`specificity`; a kind reading several
+        layers with one each replaces this)."""
+        return self.specificity
+
+    def tau_at(self, layer: int) -> float:
+        """The hedge threshold of a request at ``layer`` that names none: the card's ``default_tau``."""
+        return self.card.default_tau
+
     def check_readable(self, layer: int) -> None:
         """Refuse a card layer its model cannot read (:func:`nla_space.activations.check_layer`)."""
         activations.check_layer(self.av_backbone, layer)
@@ -220,8 +237,8 @@ class OpenedCard(abc.ABC):
     def potential(self, v: torch.Tensor, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """φ of guided decoding: the specificity where the card has a pool, else
         :func:`nla_space.guided.fve_potential` against :meth:`score_target` with :meth:`mu_at`."""
-        if self.specificity is not None:
-            spec = self.specificity
+        spec = self.specificity_at(layer)
+        if spec is not None:
             return lambda h: spec.z(h, v)
         return guided.fve_potential(self.score_target(v, layer), self.mu_at(layer))
 
@@ -265,17 +282,18 @@ class OpenedCard(abc.ABC):
         ``best-of-k``, ``guided`` or ``greedy`` (default: the card's). ``k``: candidates of a sampling
         strategy (None: :data:`~nla_space.policy.DEFAULT_K`); a K > 1 with greedy decoding is refused
         (:func:`~nla_space.policy.resolve_decoding`)."""
-        tau = self.card.default_tau if tau is None else tau
+        layer = self.check_layer(layer)
+        tau = self.tau_at(layer) if tau is None else tau
         max_new_tokens = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         strategy, k = policy.resolve_decoding(strategy, greedy, self.default_strategy, k)
         policy.check_params(k, tau, temperature, max_new_tokens, seed)
         greedy = strategy == "greedy"
-        layer = self.check_layer(layer)
+        specificity = self.specificity_at(layer)
         if text is None and position is not None:
             raise NLAInputError("a position names a token of a text; a raw vector has none", field="position")
         token = self.read_token(text, position) if text is not None else None
         notes = self.card_notes(layer) + self.request_notes(text, layer, position)
-        if token is not None and token.inner and self.specificity is not None and self.specificity.calibration is not None:
+        if token is not None and token.inner and specificity is not None and specificity.calibration is not None:
             notes.append(Note("out-of-distribution", f"read at an inner token ({token.index}): the confidence was calibrated on "
                                                      "whole texts read at their last token, so here it is not a calibrated "
                                                      "probability (an inner token's state is dominated by the words just before it)"))
@@ -284,17 +302,25 @@ class OpenedCard(abc.ABC):
         def read() -> torch.Tensor:
             return self.check_vector(vector) if vector is not None else self.read(text, layer, position)
 
+        weight = self.guided_fluency_weight if strategy == "guided" else 0.0
+
         def roll(v: torch.Tensor) -> Rollout:
             if strategy == "guided":
-                return self.guided(v, k, temperature, max_new_tokens, seed, layer)
+                found = self.guided(v, k, temperature, max_new_tokens, seed, layer)
+                if weight > 0:  # the greedy reading joins the candidates as the fluency prior's anchor
+                    anchor = self.rollout(v, 1, temperature, max_new_tokens, True, seed, layer)
+                    return guided.with_anchor(found, anchor, self.av_backbone.pad_id)
+                return found
             return self.rollout(v, k, temperature, max_new_tokens, greedy, seed, layer)
 
         def score(roll: Rollout, v: torch.Tensor) -> tuple[list[policy.Candidate], int, bool]:
             h = self.reconstruct(roll, layer)
-            cands, best = policy.best_of_k(roll, self.decode_ids, h, self.score_target(v, layer), mu, self.specificity)
+            fluency = self.fluency_of(roll) if weight > 0 else None
+            cands, best = policy.best_of_k(roll, self.decode_ids, h, self.score_target(v, layer), mu, specificity,
+                                           fluency=fluency, fluency_weight=weight if fluency is not None else 0.0)
             return cands, best, mu is not None
 
-        calib = self.specificity.calibration if self.specificity is not None else None
+        calib = specificity.calibration if specificity is not None else None
         with self.serialized():
             return policy.run(
                 card=self.card.id, trained=self.trained, layer=layer, k=k, tau=tau, temperature=temperature,
@@ -302,6 +328,7 @@ class OpenedCard(abc.ABC):
                 score_label=self.score_label, second_opinion=self._compass_opinion(layer), strategy=strategy,
                 confidence_meaning=calib.meaning() if calib is not None else None,
                 position=token.index if token is not None else None, read_token=token.piece if token is not None else None,
+                fluency_weight=weight,
             )
 
     def _compass_opinion(self, layer: int) -> Callable[[list[policy.Candidate], torch.Tensor], dict[str, Any]] | None:
@@ -329,6 +356,7 @@ class RawTextCard(OpenedCard):
     default_strategy: str = OpenedCard.default_strategy
     guided_beta: float = OpenedCard.guided_beta
     guided_prefixes: bool = OpenedCard.guided_prefixes
+    guided_fluency_weight: float = OpenedCard.guided_fluency_weight
 
     @property
     def d_vec(self) -> int:
@@ -350,6 +378,13 @@ class RawTextCard(OpenedCard):
 
     def decode_ids(self, ids: list[int]) -> str:
         return self.backbone.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def fluency_of(self, roll: Rollout) -> torch.Tensor:
+        """Mean log-probability of each candidate's tokens (stop tokens dropped) read as ``[BOS] + tokens`` by the
+        backbone's own LM head: the plain model (a patch AV's LoRA is off outside its forward; a prefix AV is
+        not on the backbone). An empty candidate gets −20 nats/token."""
+        lps = mean_logprobs(self.backbone, roll.text_rows(self.backbone.stop_ids))
+        return torch.tensor([-20.0 if lp is None else lp for lp in lps])
 
     def score_target(self, v: torch.Tensor, layer: int) -> torch.Tensor:
         """What reconstructions are compared with: the activation itself."""

@@ -9,6 +9,14 @@ Card file (kind ``"patch"``)::
     "patch": {"pool_file": "pool.safetensors", "default_strategy": "guided", "guided_beta": 1.0, "calibration": {...}}
     "default_tau": confidence threshold (the calibration's tau)
 
+Several layers. A card whose AV reads several layers (``PatchSpec.layers``) lists them in ``layers``
+(the first is the default) and keeps, per layer ℓ, μ as the tensor ``mu.L{ℓ}`` of ``mu.safetensors``,
+the pool as ``pool.L{ℓ}`` of ``pool.safetensors`` (:func:`nla_space.specificity.load_pool`) and the
+calibration in ``patch.layer_calibrations["ℓ"]`` (the default layer's in ``patch.calibration``); a
+request at ℓ is scored, calibrated and hedged with ℓ's own (:meth:`OpenPatchCard.specificity_at`,
+:meth:`OpenPatchCard.tau_at`). Every layer shares the one backbone and adapter; each has its own
+:class:`~nla_space.verbalizers.patch.ResidualPatch`.
+
 The backbone of a patch card is private to it (the LoRA is attached to its blocks above ℓ in
 place), shared only between opens of the same AV folder.
 """
@@ -19,7 +27,7 @@ import contextlib
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,10 +55,10 @@ _OPENED_LOCK = threading.Lock()
 
 @dataclass
 class PatchAV:
-    """The opened AV: its spec, the hook that writes ``v`` at ℓ, and the PEFT model (in place on the backbone)."""
+    """The opened AV: its spec, the hook that writes ``v`` at each card layer ℓ, and the PEFT model (in place on the backbone)."""
 
     spec: PatchSpec
-    patch: ResidualPatch
+    patches: dict[int, ResidualPatch]
     peft_model: Any
     d_vec: int
 
@@ -59,12 +67,12 @@ class PatchStepper:
     """Guided decoding's stepper *and* tracker for a patch AV: the AV's forward records the layer-ℓ
     state of each row's text (``[BOS] + tokens``) as it goes, which is the state the score reads."""
 
-    def __init__(self, card: "OpenPatchCard", v: torch.Tensor, max_new_tokens: int):
-        self.bb, self.av = card.backbone, card.av
+    def __init__(self, card: "OpenPatchCard", v: torch.Tensor, max_new_tokens: int, layer: int):
+        self.bb = card.backbone
         self.v = v.to(self.bb.device)[None]
         self.cache = preallocated_cache(self.bb.config, max_new_tokens + 2)
         self.length = 0
-        self._ctx = self.av.patch.apply(self.v, record=True)
+        self._ctx = card.av.patches[layer].apply(self.v, record=True)
         self.states = self._ctx.__enter__()
 
     def close(self) -> None:
@@ -96,6 +104,19 @@ class OpenPatchCard(RawTextCard):
 
     av: PatchAV
     repeat_ngram: int = 0  #: the greedy repetition guard's n (the card's ``patch.greedy_repeat_ngram``)
+    mus: dict[int, torch.Tensor] = field(default_factory=dict)  #: μ of each card layer that has one
+    specificities: dict[int, Specificity] = field(default_factory=dict)  #: the scorer of each card layer that has a pool
+
+    def mu_at(self, layer: int) -> torch.Tensor | None:
+        return self.mus.get(layer)
+
+    def specificity_at(self, layer: int) -> Specificity | None:
+        return self.specificities.get(layer)
+
+    def tau_at(self, layer: int) -> float:
+        """The calibrated τ of ``layer`` (the card's ``default_tau`` at a layer without a calibration)."""
+        spec = self.specificities.get(layer)
+        return spec.calibration.tau if spec is not None and spec.calibration is not None else self.card.default_tau
 
     @property
     def top_p(self) -> float:
@@ -105,19 +126,9 @@ class OpenPatchCard(RawTextCard):
     def av_max_new_tokens(self) -> int:
         return int(self.av.spec.max_new_tokens)
 
-    def _text_rows(self, roll: Rollout) -> list[list[int]]:
-        stops = set(self.backbone.stop_ids)
-        rows = []
-        for i in range(roll.ids.shape[0]):
-            row = [int(t) for t in roll.ids[i, : int(roll.mask[i].sum())]]
-            while row and row[-1] in stops:
-                row.pop()
-            rows.append(row)
-        return rows
-
     def reconstruct(self, roll: Rollout, layer: int) -> torch.Tensor:
         """Candidates read like a typed text (``[BOS] + tokens``, stop token dropped) at ℓ."""
-        return activations.read_rows(self.backbone, layer, self._text_rows(roll))
+        return activations.read_rows(self.backbone, layer, roll.text_rows(self.backbone.stop_ids))
 
     def reconstruct_texts(self, texts: list[str], layer: int) -> torch.Tensor:
         rows = [list(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
@@ -129,14 +140,14 @@ class OpenPatchCard(RawTextCard):
         gen = request_generator(seed, bb.device)
         bos = bb.embed_tokens(torch.full((n, 1), bb.bos_id, device=bb.device))
         guard = self.repeat_ngram if greedy else 0
-        with self.av.patch.apply(v.to(bb.device)[None]):
+        with self.av.patches[layer].apply(v.to(bb.device)[None]):
             return sample(bb, bos, max_new_tokens, temperature=temperature, top_p=self.top_p, greedy=greedy, generator=gen,
                           repeat_ngram=guard)
 
     @contextlib.contextmanager
     def search_parts(self, v: torch.Tensor, layer: int, k: int, max_new_tokens: int) -> Iterator[tuple[guided.Stepper, guided.Tracker]]:
         """One :class:`PatchStepper` as both stepper and tracker; its hook is removed when the search ends."""
-        stepper = PatchStepper(self, v, max_new_tokens)
+        stepper = PatchStepper(self, v, max_new_tokens, layer)
         try:
             yield stepper, stepper
         finally:
@@ -156,28 +167,38 @@ def _private_backbone(card: Card, folder: Path, spec: PatchSpec, device: str | N
 
 def open_patch_card(card: Card, backbone: str | None = None, device: str | None = None, revision: str | None = None,
                     dtype: str | None = None) -> OpenPatchCard:
-    """Open a patch card: its private backbone with the LoRA attached, μ, the specificity pool and calibration."""
+    """Open a patch card: its private backbone with the LoRA attached, and per card layer its patch, μ,
+    specificity pool and calibration (module docstring)."""
     if backbone is not None or revision is not None:
         raise NLAInputError(f"card {card.id}: a patch AV is trained on its own backbone; --backbone/--revision cannot replace it")
     folder = card_files(card)
     if folder is None:
         raise CheckpointError(f"card {card.id}: no AV folder")
     spec = read_spec(folder)
-    if spec.layer not in card.layers:
-        raise CheckpointError(f"card {card.id}: the AV in {folder} reads layer {spec.layer}, the card says {card.layers}")
+    unread = [ell for ell in card.layers if ell not in spec.read_layers]
+    if unread:
+        raise CheckpointError(f"card {card.id}: the AV in {folder} reads layer(s) {spec.read_layers}, the card says {card.layers}")
     bb, pm = _private_backbone(card, folder, spec, device, dtype)
-    av = PatchAV(spec=spec, patch=ResidualPatch(bb, spec.layer), peft_model=pm, d_vec=bb.hidden_size)
+    av = PatchAV(spec=spec, patches={ell: ResidualPatch(bb, ell) for ell in card.layers}, peft_model=pm, d_vec=bb.hidden_size)
     notes: list[str] = []
-    mu = load_card_mu(folder, card, spec.layer)
     section = card.patch or PatchSection()
-    specificity = None
-    if section.pool_file and mu is not None:
-        calibration = section.calibration
-        specificity = Specificity.from_pool(load_pool(folder / section.pool_file), mu, calibration)
-        if calibration is None:
-            notes.append("no calibration: answers are ranked by specificity, hedged by the centered score")
+    mus: dict[int, torch.Tensor] = {}
+    specificities: dict[int, Specificity] = {}
+    for ell in card.layers:
+        mu = load_card_mu(folder, card, ell)
+        if mu is None:
+            continue
+        mus[ell] = mu
+        if section.pool_file:
+            calibration = section.calibration_at(ell, card.default_layer)
+            specificities[ell] = Specificity.from_pool(load_pool(folder / section.pool_file, ell), mu, calibration)
+    uncalibrated = [ell for ell, s in specificities.items() if s.calibration is None]
+    if uncalibrated:
+        notes.append(f"no calibration at layer(s) {uncalibrated}: answers there are ranked by specificity, hedged by the centered score")
     compass, compass_tau = open_compass(card, folder, notes)
-    return OpenPatchCard(card=card, backbone=bb, av=av, trained=True, mu=mu, notes=notes, compass=compass, compass_tau=compass_tau,
-                         specificity=specificity, default_strategy=section.default_strategy,
+    default = card.default_layer
+    return OpenPatchCard(card=card, backbone=bb, av=av, trained=True, mu=mus.get(default), notes=notes, compass=compass,
+                         compass_tau=compass_tau, specificity=specificities.get(default), default_strategy=section.default_strategy,
                          guided_beta=section.guided_beta, guided_prefixes=section.guided_prefixes,
-                         repeat_ngram=int(os.environ.get(REPEAT_ENV, section.greedy_repeat_ngram)))
+                         guided_fluency_weight=section.guided_fluency_weight, repeat_ngram=int(os.environ.get(REPEAT_ENV, section.greedy_repeat_ngram)), mus=mus,
+                         specificities=specificities)
