@@ -158,16 +158,31 @@ def pool_key(layer: int) -> str:
     return f"{POOL_KEY}.L{layer}"
 
 
-def load_pool(path: Path, layer: int | None = None) -> torch.Tensor:
-    """The pool of ``layer`` from a pool file: its tensor :func:`pool_key` (a card reading several
-    layers keeps one per layer), else the single tensor ``pool``."""
+def load_pools(path: Path, layers: list[int]) -> dict[int, torch.Tensor]:
+    """The pool of each of ``layers`` from one read of a pool file: its tensor :func:`pool_key` (a card
+    reading several layers keeps one per layer), else the single tensor ``pool``."""
     from .hub import load_state_dict
 
     tensors = load_state_dict(path)
-    for key in ([pool_key(layer)] if layer is not None else []) + [POOL_KEY]:
-        if key in tensors:
-            return tensors[key].float()
-    raise CheckpointError(f"{path}: no '{pool_key(layer) if layer is not None else POOL_KEY}' or '{POOL_KEY}' tensor")
+    out = {}
+    for layer in layers:
+        key = next((k for k in (pool_key(layer), POOL_KEY) if k in tensors), None)
+        if key is None:
+            raise CheckpointError(f"{path}: no '{pool_key(layer)}' or '{POOL_KEY}' tensor")
+        out[layer] = tensors[key].float()
+    return out
+
+
+def load_pool(path: Path, layer: int | None = None) -> torch.Tensor:
+    """The pool of ``layer`` (None: the file's single ``pool``) from a pool file, as :func:`load_pools` reads it."""
+    if layer is not None:
+        return load_pools(path, [layer])[layer]
+    from .hub import load_state_dict
+
+    tensors = load_state_dict(path)
+    if POOL_KEY not in tensors:
+        raise CheckpointError(f"{path}: no '{POOL_KEY}' tensor")
+    return tensors[POOL_KEY].float()
 
 
 # ---------------------------------------------------------------------------------- calibration

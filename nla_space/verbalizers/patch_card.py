@@ -11,7 +11,7 @@ Card file (kind ``"patch"``)::
 
 Several layers. A card whose AV reads several layers (``PatchSpec.layers``) lists them in ``layers``
 (the first is the default) and keeps, per layer ℓ, μ as the tensor ``mu.L{ℓ}`` of ``mu.safetensors``,
-the pool as ``pool.L{ℓ}`` of ``pool.safetensors`` (:func:`nla_space.specificity.load_pool`) and the
+the pool as ``pool.L{ℓ}`` of ``pool.safetensors`` (:func:`nla_space.specificity.load_pools`) and the
 calibration in ``patch.layer_calibrations["ℓ"]`` (the default layer's in ``patch.calibration``); a
 request at ℓ is scored, calibrated and hedged with ℓ's own (:meth:`OpenPatchCard.specificity_at`,
 :meth:`OpenPatchCard.tau_at`). Every layer shares the one backbone and adapter; each has its own
@@ -42,7 +42,7 @@ from ..errors import CheckpointError, NLAInputError
 from ..placement import placement_from_env
 from ..kv_cache import preallocated_cache, reorder_cache
 from ..rollout import Rollout, request_generator, sample
-from ..specificity import Specificity, load_pool
+from ..specificity import Specificity, load_pools
 from .base import RawTextCard
 from .patch import PatchSpec, ResidualPatch, attach, read_spec
 
@@ -186,12 +186,11 @@ def open_patch_card(card: Card, backbone: str | None = None, device: str | None 
     specificities: dict[int, Specificity] = {}
     for ell in card.layers:
         mu = load_card_mu(folder, card, ell)
-        if mu is None:
-            continue
-        mus[ell] = mu
-        if section.pool_file:
-            calibration = section.calibration_at(ell, card.default_layer)
-            specificities[ell] = Specificity.from_pool(load_pool(folder / section.pool_file, ell), mu, calibration)
+        if mu is not None:
+            mus[ell] = mu
+    pools = load_pools(folder / section.pool_file, list(mus)) if section.pool_file and mus else {}
+    for ell, pool in pools.items():
+        specificities[ell] = Specificity.from_pool(pool, mus[ell], section.calibration_at(ell, card.default_layer))
     uncalibrated = [ell for ell, s in specificities.items() if s.calibration is None]
     if uncalibrated:
         notes.append(f"no calibration at layer(s) {uncalibrated}: answers there are ranked by specificity, hedged by the centered score")
