@@ -329,7 +329,9 @@ def test_api_returns_the_cli_json_contract(client) -> None:
     assert out["k"] == 1 and out["strategy"] == "greedy" and out["greedy"] is True and len(out["candidates"]) == 1
     assert out["layer"] == 13
     guided = client.predict(TEXT, k=3, seed=0, strategy="guided", max_new_tokens=8, api_name="/verbalize")
-    assert guided["strategy"] == "guided" and len(guided["candidates"]) == 3
+    # the default card's fluency prior: the K = 3 search candidates, then the greedy reading as the anchor
+    assert guided["strategy"] == "guided" and guided["fluency_weight"] > 0 and len(guided["candidates"]) == 3 + 1
+    assert all(c["fluency"] is not None for c in guided["candidates"])
     assert out["best"] == out["candidates"][out["best_index"]]
     assert out["hedged"] == (out["score"] < out["tau"])
 
@@ -346,11 +348,16 @@ def test_api_returns_the_cli_json_contract(client) -> None:
 def test_sweep_api_returns_the_cli_sweep_contract(client) -> None:
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert [p["parameter_name"] for p in named["/sweep"]["parameters"]] == ["text", "card", "k", "tau", "temperature", "seed", "strategy"]
-    out = client.predict(TEXT, seed=0, api_name="/sweep")  # the embedded card has one layer: one entry
-    assert list(out) == ["sweep"] and [e["layer"] for e in out["sweep"]] == [13]
-    assert CONTRACT_KEYS | {"depth_pct"} <= set(out["sweep"][0]) and out["sweep"][0]["depth_pct"] is None
+    out = client.predict(TEXT, seed=0, api_name="/sweep")  # the embedded card's seven layers, ascending
+    assert list(out) == ["sweep"] and [e["layer"] for e in out["sweep"]] == [3, 5, 7, 9, 11, 13, 15]
+    assert all(CONTRACT_KEYS | {"depth_pct"} <= set(e) and e["depth_pct"] is None for e in out["sweep"])
+    # the API's τ default (none given) is each layer's own calibrated τ
+    from nla_space.ui import engine
+
+    oc = engine.get_open("embedded")
+    assert [e["tau"] for e in out["sweep"]] == [oc.tau_at(e["layer"]) for e in out["sweep"]]
     sampled = client.predict(TEXT, k=2, seed=0, strategy="best-of-k", api_name="/sweep")
-    assert sampled["sweep"][0]["strategy"] == "best-of-k" and len(sampled["sweep"][0]["candidates"]) == 2
+    assert all(e["strategy"] == "best-of-k" and len(e["candidates"]) == 2 for e in sampled["sweep"])
 
 
 BAD_INPUTS = [
@@ -360,7 +367,7 @@ BAD_INPUTS = [
     (dict(text=TEXT, k=100_000), "k must be"),
     (dict(text=TEXT, card="no-such-card"), "unknown card"),
     (dict(text=TEXT, card="srt-gemma2-2b"), "offline"),  # a hub card that cannot be downloaded here
-    (dict(text=TEXT, layer=5), "supports layer"),
+    (dict(text=TEXT, layer=4), "supports layer"),
     (dict(text=TEXT, tau=2.0), "tau"),
 ]
 
@@ -389,7 +396,8 @@ def test_a_burst_is_served_in_turn_and_one_failure_does_not_spill(client) -> Non
         bad.result(timeout=240)
     assert not jobs[1].done()  # refused on arrival, while the valid requests are still queued or running
     results = [j.result(timeout=240) for j in jobs]
-    assert [r["seed"] for r in results] == [0, 1] and all(len(r["candidates"]) == 2 for r in results)
+    # K = 2 search candidates and the default card's greedy anchor (its guided fluency prior)
+    assert [r["seed"] for r in results] == [0, 1] and all(len(r["candidates"]) == 2 + 1 for r in results)
 
 
 @pytest.mark.e2e
