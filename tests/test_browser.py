@@ -106,19 +106,21 @@ def test_verbalize_leaderboard_and_present_mode(app_url: str, page, artifacts_di
     page.wait_for_timeout(800)
     page.screenshot(path=str(artifacts_dir / "app-verbalize-token.png"), full_page=True)
 
-    # The token × layer grid: one row per card layer (the default card has one, L13 ★), one shaded cell per
-    # token; a click on the last row's second token cell (column 2 = token 1) verbalizes that state there.
+    # The token × layer grid: one row per card layer (the default card reads 3, 5, …, 15; its default L13 is
+    # starred), one shaded cell per token; a click on the L9 row's second token cell (column 2 = token 1)
+    # verbalizes that state at that layer and moves the layer control there.
     grid = page.locator("#grid")
     expect(grid).to_contain_text("L13 ★")
     labels = grid.locator('[role=gridcell][data-col="0"]')
-    rows = labels.count()
-    assert rows >= 1
-    cell = grid.locator(f'[data-testid="cell-{rows - 1}-2"]')
+    names = [labels.nth(i).inner_text().strip() for i in range(labels.count())]
+    assert [n.split()[0] for n in names] == ["L3", "L5", "L7", "L9", "L11", "L13", "L15"], names
+    row = [n.split()[0] for n in names].index("L9")
+    cell = grid.locator(f'[data-testid="cell-{row}-2"]')
     assert "background" in (cell.get_attribute("style") or ""), cell.get_attribute("style")
     cell.click()
     expect(notes).to_contain_text("Read at token 1", timeout=120_000)
-    expect(notes).to_contain_text("at layer 13")
-    expect(page.locator("#layer input")).to_have_value("13")
+    expect(notes).to_contain_text("at layer 9")
+    expect(page.locator("#layer input")).to_have_value("9")
     page.wait_for_timeout(800)
     page.screenshot(path=str(artifacts_dir / "app-verbalize-grid.png"), full_page=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,16 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+#: what a failed launch's report leads with: the lines that say why a rank died (a CI log shows only the
+#: start and the end of a long message, and a torchrun summary at the end names only the signal)
+_WHY = re.compile(r"Error|error:|Traceback|terminate called|what\(\)|Abort|abort|Killed|Signal|exitcode")
+
+
+def _failure_lines(stderr: str, limit: int = 40) -> str:
+    hits = [line for line in stderr.splitlines() if _WHY.search(line)]
+    return "\n".join(hits[:limit]) or "(no error line in stderr)"
+
+
 def launch(n: int, argv: list[str], module: bool = False, check: bool = True, launcher: str = "torchrun", **env: str) -> subprocess.CompletedProcess:
     """``argv`` (a script and its arguments, or ``-m`` module arguments) in ``n`` processes under
     torchrun or ``accelerate launch`` (plain ``python`` for ``n == 0``: the single-process baseline
@@ -52,7 +63,7 @@ def launch(n: int, argv: list[str], module: bool = False, check: bool = True, la
                *[str(a) for a in argv]]
     res = subprocess.run(cmd, env=_env(**env), cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}:\n{res.stderr[-4000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}:\n{_failure_lines(res.stderr)}\n--- stderr tail ---\n{res.stderr[-3000:]}")
     return res
 
 

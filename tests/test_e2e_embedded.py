@@ -46,7 +46,8 @@ def test_cli_verbalize_smollm2_json(smollm2):
     assert isinstance(d["hedged"], bool) and isinstance(d["centered"], bool)
     assert len(d["candidates"]) == 8 and 0 <= d["best_index"] < 8
     best = d["best"]
-    assert set(best) == {"text", "token_ids", "score_raw", "score_cen", "specificity", "confidence"}
+    assert set(best) == {"text", "token_ids", "score_raw", "score_cen", "specificity", "confidence", "fluency"}
+    assert d["fluency_weight"] == 0.0 and all(c["fluency"] is None for c in d["candidates"])  # no fluency prior on this card
     assert best == d["candidates"][d["best_index"]]
     assert isinstance(best["text"], str) and 1 <= len(best["token_ids"]) <= 16
     for c in d["candidates"]:
@@ -106,7 +107,9 @@ def test_cli_verbalize_default_card_gemma3_greedy():
                  "--max-new-tokens", "6"])
     assert proc.returncode == 0, proc.stderr
     g = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert g["strategy"] == "guided" and len(g["candidates"]) == 3 and all(math.isfinite(c["score_cen"]) for c in g["candidates"])
+    # the default card's guided decoding has a fluency prior: K candidates plus the greedy anchor, each with its fluency
+    assert g["strategy"] == "guided" and g["fluency_weight"] > 0 and len(g["candidates"]) == 3 + 1
+    assert all(math.isfinite(c["score_cen"]) and math.isfinite(c["fluency"]) for c in g["candidates"])
     assert all(1 <= len(c["token_ids"]) <= 6 for c in g["candidates"])
 
 

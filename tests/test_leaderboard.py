@@ -253,7 +253,11 @@ def test_old_style_results_give_no_reproduced_layer_points():
     assert _row(lb, GEMMA, "greedy_retrieval_top1")["reproduced"] == 0.6
     assert not [p for p in lb["layer_curves"] if p["origin"] == "reproduced"]
     shipped = build_leaderboard(list(load_results([ASSETS_DIR / "results"])))
-    assert not [p for p in shipped["layer_curves"] if p["origin"] == "reproduced"]
+    reproduced = [p for p in shipped["layer_curves"] if p["origin"] == "reproduced"]
+    # the layer-13 card's shipped runs are old-style (no --layers): no points; the seven-layer default's are per layer
+    assert not [p for p in reproduced if p["card"] == GEMMA]
+    assert {p["card"] for p in reproduced} == {"nla-space/gemma3-270m-patch"}
+    assert sorted(p["layer"] for p in reproduced if p["strategy"] == "greedy") == [3, 5, 7, 9, 11, 13, 15]
     # a card outside the built-in set: points without a depth
     unknown = build_leaderboard([_reading("someone/else", {"greedy_L4": (0.5, 0.5)})], cards=[])
     assert [(p["card"], p["layer"], p["depth_pct"]) for p in unknown["layer_curves"]] == [("someone/else", 4, None)]
@@ -315,12 +319,12 @@ def test_leaderboard_tab_builds_with_and_without_layer_curves(monkeypatch):
     res = _reading(GEMMA, {"greedy_L3": (0.1, 0.2), "greedy_L13": (0.8, 0.7), "guided_k16_L13": (0.95, 0.8)})
     lb = build_leaderboard([res])
     series = lt.layer_series(lb)
-    assert series["embedded · greedy"] == [(17, 0.1), (72, 0.8)] and series["embedded · guided_k16"] == [(72, 0.95)]
+    assert series["gemma3-270m-l13 · greedy"] == [(17, 0.1), (72, 0.8)] and series["gemma3-270m-l13 · guided_k16"] == [(72, 0.95)]
     phi = [k for k in series if "nla-phi4" in k]
     assert len(phi) == 1 and "(not retrieval)" in phi[0] and series[phi[0]] == [(12, 0.42), (50, 0.69)]
     fig = lt.layer_figure(lb)
     labels = fig.axes[0].get_legend_handles_labels()[1]
-    assert "embedded · greedy" in labels and phi[0] in labels
+    assert "gemma3-270m-l13 · greedy" in labels and phi[0] in labels
     frame = lt.layer_frame(lb)
     assert len(frame) == 5 and frame.loc[1, "1-in-40 retrieval"] == 0.8 and frame.loc[1, "depth %"] == 72
     assert frame.loc[4, "published value (not retrieval)"] == 0.69 and frame.loc[4, "run / metric"] == "roundtrip"

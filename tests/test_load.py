@@ -47,7 +47,7 @@ INVALID = [
     (dict(text=""), "empty"),
     (dict(text=TEXTS[0], k=0), "k must be"),
     (dict(text=TEXTS[0], card="no-such-card"), "unknown card"),
-    (dict(text=TEXTS[0], layer=5), "supports layer"),
+    (dict(text=TEXTS[0], layer=4), "supports layer"),
     (dict(text=TEXTS[0], tau=2.0), "tau"),
     (dict(text="x" * 5000), "characters long"),
 ]
