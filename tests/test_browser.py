@@ -113,8 +113,9 @@ def test_verbalize_leaderboard_and_present_mode(app_url: str, page, artifacts_di
     expect(grid).to_contain_text("L13 ★")
     labels = grid.locator('[role=gridcell][data-col="0"]')
     names = [labels.nth(i).inner_text().strip() for i in range(labels.count())]
-    assert [n.split()[0] for n in names] == ["L3", "L5", "L7", "L9", "L11", "L13", "L15"], names
-    row = [n.split()[0] for n in names].index("L9")
+    rows = [n.split()[0] for n in names]
+    assert rows == ["L3", "L5", "L7", "L9", "L11", "L13", "L15"], names
+    row = rows.index("L9")
     cell = grid.locator(f'[data-testid="cell-{row}-2"]')
     assert "background" in (cell.get_attribute("style") or ""), cell.get_attribute("style")
     cell.click()
